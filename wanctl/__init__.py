@@ -1,0 +1,1 @@
+"""wanctl: the control CLI of the wand daemon."""

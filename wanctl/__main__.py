@@ -1,0 +1,5 @@
+import sys
+
+from wanctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""``wanctl``: ask the wand daemon what it holds, and look after it.
+
+Exit codes: 0 ok, 1 the daemon answered with an error (or the command failed), 2 usage,
+3 no daemon reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from wand import __version__
+from wand.errors import ConnectError, WandError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--endpoint", help="daemon endpoint (default: WAND_ENDPOINT or runtime dir)"
+    )
+    common.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+    common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    p = argparse.ArgumentParser(
+        prog="wanctl",
+        description="Control and inspect the wand daemon.",
+        epilog="Exit codes: 0 ok, 1 error reply, 2 usage, 3 no daemon reachable.",
+        parents=[common],
+    )
+    p.add_argument("--version", action="version", version=f"wanctl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status", parents=[common], help="daemon state and each component")
+    sub.add_parser("ls", parents=[common], help="list resident components")
+    sub.add_parser("ps", parents=[common], help="client processes and the leases they hold")
+    sub.add_parser("ping", parents=[common], help="check the daemon answers")
+    sub.add_parser("stop", parents=[common], help="stop the daemon")
+    verify = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="attach components, check their bytes against the checksums, build the modules",
+    )
+    verify.add_argument("names", nargs="*", help="components (default: all)")
+    bench = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="measure load, attach and from_pretrained on one checkpoint",
+        description="Without --checkpoint, writes a t2v-A14B checkpoint with the real tensor "
+        "counts at reduced width (both layouts) and measures on it.",
+    )
+    bench.add_argument("--checkpoint", type=Path, help="measure this checkpoint instead")
+    bench.add_argument("--layers", type=int, default=40, help="transformer layers (default 40)")
+    bench.add_argument("--width", type=int, help="transformer width of the generated checkpoint")
+    bench.add_argument("--repeat", type=int, default=5, help="fresh client processes per figure")
+    tiny = sub.add_parser(
+        "make-tiny",
+        parents=[common],
+        help="write a tiny synthetic checkpoint in a real Wan2.2 layout",
+        description="Write a Wan2.2 checkpoint with the real file names, key names and formats "
+        "and random weights, for tests, demos and benchmarks.",
+    )
+    tiny.add_argument("dest", help="folder to create")
+    tiny.add_argument("--task", default="t2v-A14B", choices=["t2v-A14B", "i2v-A14B", "ti2v-5B"])
+    tiny.add_argument("--layout", default="original", choices=["original", "diffusers"])
+    tiny.add_argument("--layers", type=int, help="transformer layers (40 = the real tensor count)")
+    tiny.add_argument("--width", type=int, help="transformer width (attention heads x 128 scale)")
+    tiny.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConnectError as e:
+        print(f"wanctl: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except WandError as e:
+        print(f"wanctl: {e.code}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _daemon(op: str, render: Callable[[Any], str]) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        from wand.client import Client
+
+        with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
+            reply = c.request(op)
+        print(json.dumps(reply, indent=2) if args.json else render(reply))
+        return EXIT_OK
+
+    return command
+
+
+def _render(name: str) -> Callable[[Any], str]:
+    def render(reply: Any) -> str:
+        from wanctl import render as r
+
+        return getattr(r, name)(reply)
+
+    return render
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import time
+
+    from wand.client import Client
+
+    rows = []
+    with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
+        for name in args.names or [comp["name"] for comp in c.list()]:
+            start = time.perf_counter()
+            att = c.attachment(name)
+            attached = time.perf_counter()
+            module = att.module()
+            built = time.perf_counter()
+            rows.append(
+                {
+                    "name": att.name,
+                    "class": type(module).__name__,
+                    "tensors": len(att.manifest["tensors"]),
+                    "bytes": att.manifest["nbytes"],
+                    "attach_ms": (attached - start) * 1e3,
+                    "module_ms": (built - attached) * 1e3,
+                    "checksum_ok": att.verify(),
+                }
+            )
+            c.detach(name)
+    print(json.dumps(rows, indent=2) if args.json else _render("verify")(rows))
+    return EXIT_OK if all(r["checksum_ok"] for r in rows) else EXIT_ERROR
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from wand import bench
+
+    result = bench.run(args.checkpoint, repeat=args.repeat, layers=args.layers, width=args.width)
+    print(json.dumps(result, indent=2) if args.json else bench.render(result))
+    return EXIT_OK
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from wand.wan import write_tiny
+
+    path = write_tiny(
+        args.dest, args.task, args.layout, layers=args.layers, width=args.width, seed=args.seed
+    )
+    print(
+        json.dumps({"path": str(path)})
+        if args.json
+        else f"wrote {args.task} ({args.layout} layout) to {path}"
+    )
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "status": _daemon("status", _render("status")),
+    "ls": _daemon("list", lambda r: _render("components")(r["components"])),
+    "ps": _daemon("ps", lambda r: _render("clients")(r["clients"])),
+    "ping": _daemon("ping", lambda r: "pong"),
+    "stop": _daemon("stop", lambda r: "stopping"),
+    "verify": _verify,
+    "bench": _bench,
+    "make-tiny": _make_tiny,
+}

@@ -1,0 +1,217 @@
+"""The benchmark behind ``wanctl bench``: load, attach and ``from_pretrained``, one run.
+
+Every figure is measured in the same run on the same files: the daemon's cold load against a
+raw sequential read of the checkpoint files, attach times in fresh client processes, and the
+diffusers/transformers ``from_pretrained`` baseline in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+COMPONENTS = ("text_encoder", "vae", "high_noise_model", "low_noise_model")
+READ_CHUNK = 16 << 20
+
+
+def run(
+    checkpoint: Path | None,
+    repeat: int = 5,
+    layers: int = 40,
+    width: int | None = None,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    from wand.wan import read_checkpoint, write_tiny
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="wand-bench-"))
+    baseline_dir = None
+    if checkpoint is None:
+        checkpoint = write_tiny(
+            work / "t2v-original", "t2v-A14B", "original", layers=layers, width=width
+        )
+        baseline_dir = write_tiny(
+            work / "t2v-diffusers", "t2v-A14B", "diffusers", layers=layers, width=width
+        )
+    spec = read_checkpoint(checkpoint)
+    if spec.layout == "diffusers":
+        baseline_dir = Path(checkpoint)
+    files = sorted({t.file for c in spec.components.values() for t in c.tensors})
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "task": spec.task,
+        "tensors": {n: len(c.tensors) for n, c in spec.components.items()},
+        "disk_bytes": sum(f.stat().st_size for f in files),
+        "resident_bytes": sum(c.nbytes for c in spec.components.values()),
+    }
+    result["raw_read"] = raw_read(files)
+    endpoint = f"ipc://{work}/bench.sock"
+    daemon = _start_daemon(checkpoint, endpoint, work / "daemon.log")
+    try:
+        result["daemon"] = _wait_loaded(daemon, endpoint)
+        result["daemon"]["gbps"] = result["disk_bytes"] / result["daemon"]["load_seconds"] / 1e9
+        result["attach_state_dicts"] = _fresh_client_times(endpoint, "state_dicts", repeat)
+        result["attach_modules"] = _fresh_client_times(endpoint, "modules", repeat)
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    if baseline_dir is not None:
+        result["from_pretrained"] = _fresh(["from_pretrained", str(baseline_dir)])
+    return result
+
+
+def raw_read(files: list[Path]) -> dict[str, float]:
+    """Sequential reads of whole files into one reused buffer: what the disk/page cache gives."""
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    total = 0
+    start = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "bytes": total, "gbps": total / seconds / 1e9}
+
+
+def _start_daemon(checkpoint: Path, endpoint: str, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "wand.daemon",
+                "--checkpoint",
+                str(checkpoint),
+                "--endpoint",
+                endpoint,
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_loaded(daemon: subprocess.Popen, endpoint: str) -> dict[str, float]:
+    from wand.client import Client
+    from wand.errors import WandError
+
+    start = time.perf_counter()
+    while True:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"daemon exited with {daemon.returncode} before it was ready")
+        try:
+            with Client(endpoint, timeout=2, name="bench") as c:
+                status = c.status()
+        except WandError:
+            time.sleep(0.05)
+            continue
+        comps = status["components"]
+        if all(c["state"] == "ready" for c in comps):
+            return {
+                "start_to_ready_seconds": time.perf_counter() - start,
+                "load_seconds": sum(c["load_seconds"] for c in comps),
+            }
+        time.sleep(0.05)
+
+
+def _fresh_client_times(endpoint: str, what: str, repeat: int) -> dict[str, float]:
+    times = [_fresh([what, endpoint])["seconds"] for _ in range(repeat)]
+    return {"median_seconds": statistics.median(times), "min_seconds": min(times), "runs": repeat}
+
+
+def _fresh(args: list[str]) -> dict[str, Any]:
+    """Run one measurement in a new Python process and return what it printed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "wand.bench", *args], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- what the fresh processes run ---------------------------------------------------------
+
+
+def _measure_state_dicts(endpoint: str) -> float:
+    import wand
+
+    start = time.perf_counter()
+    with wand.connect(endpoint) as c:
+        sds = [c.attach(name) for name in COMPONENTS]
+    assert all(sds)
+    return time.perf_counter() - start
+
+
+def _measure_modules(endpoint: str) -> float:
+    import wand
+
+    start = time.perf_counter()
+    with wand.connect(endpoint) as c:
+        mods = [c.module(name) for name in COMPONENTS]
+    assert all(mods)
+    return time.perf_counter() - start
+
+
+def _measure_from_pretrained(folder: str) -> float:
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    start = time.perf_counter()
+    WanTransformer3DModel.from_pretrained(
+        folder, subfolder="transformer", torch_dtype=torch.bfloat16
+    )
+    WanTransformer3DModel.from_pretrained(
+        folder, subfolder="transformer_2", torch_dtype=torch.bfloat16
+    )
+    UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.bfloat16)
+    AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+    return time.perf_counter() - start
+
+
+def render(r: dict[str, Any]) -> str:
+    gb = r["disk_bytes"] / 1e9
+    d = r["daemon"]
+    lines = [
+        f"checkpoint {r['checkpoint']} ({r['task']}): {sum(r['tensors'].values())} tensors "
+        f"({', '.join(f'{k} {v}' for k, v in r['tensors'].items())}), {gb:.2f} GB on disk, "
+        f"{r['resident_bytes'] / 1e9:.2f} GB resident",
+        f"raw sequential read      {r['raw_read']['seconds']:8.3f} s  "
+        f"{r['raw_read']['gbps']:6.2f} GB/s",
+        f"daemon cold load         {d['load_seconds']:8.3f} s  {d['gbps']:6.2f} GB/s "
+        f"of files  ({d['gbps'] / r['raw_read']['gbps']:.2f}x raw read; "
+        f"start to ready {d['start_to_ready_seconds']:.2f} s)",
+        f"attach 4 state dicts     {r['attach_state_dicts']['median_seconds'] * 1e3:8.1f} ms "
+        f"(median of {r['attach_state_dicts']['runs']} fresh processes; target < 50 ms)",
+        f"attach 4 modules         {r['attach_modules']['median_seconds'] * 1e3:8.1f} ms "
+        f"(median of {r['attach_modules']['runs']} fresh processes; target < 1000 ms)",
+    ]
+    if "from_pretrained" in r:
+        fp = r["from_pretrained"]["seconds"]
+        mods = r["attach_modules"]["median_seconds"]
+        lines.append(
+            f"from_pretrained x4       {fp:8.3f} s   (fresh process; {fp / mods:.0f}x the "
+            "attach of 4 modules)"
+        )
+    return "\n".join(lines)
+
+
+def _main(argv: list[str]) -> None:
+    what, arg = argv
+    measure = {
+        "state_dicts": _measure_state_dicts,
+        "modules": _measure_modules,
+        "from_pretrained": _measure_from_pretrained,
+    }[what]
+    print(json.dumps({"seconds": measure(arg)}))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _main(sys.argv[1:])

@@ -1,0 +1,40 @@
+"""Where the daemon listens: ``WAND_ENDPOINT``, else a Unix socket under the runtime directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV = "WAND_ENDPOINT"
+SYSTEM_SOCKET = "/run/wand/wand.sock"
+
+
+def default_endpoint() -> str:
+    """The endpoint the daemon, ``wanctl`` and the client library agree on."""
+    explicit = os.environ.get(ENV)
+    if explicit:
+        return explicit
+    if os.geteuid() == 0:
+        return f"ipc://{SYSTEM_SOCKET}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/wand-{os.geteuid()}"
+    return f"ipc://{runtime}/wand/wand.sock"
+
+
+def resolve(endpoint: str | None) -> str:
+    return endpoint or default_endpoint()
+
+
+def describe(endpoint: str) -> str:
+    """Where an endpoint came from, for "no daemon" messages."""
+    if os.environ.get(ENV) == endpoint:
+        return f"{endpoint} (from {ENV})"
+    if endpoint == default_endpoint():
+        return f"{endpoint} (the default; set {ENV} or --endpoint to look elsewhere)"
+    return endpoint
+
+
+def socket_path(endpoint: str) -> Path | None:
+    """The filesystem path of an ``ipc://`` endpoint (None for TCP or abstract sockets)."""
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        return Path(endpoint[len("ipc://") :])
+    return None

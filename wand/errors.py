@@ -1,0 +1,46 @@
+"""Errors that cross the wire carry a stable code; these are the Python faces of them."""
+
+from __future__ import annotations
+
+
+class WandError(Exception):
+    """Base of every wand error; ``code`` is the stable protocol error code."""
+
+    code = "internal"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class CheckpointError(WandError):
+    """A checkpoint folder or file that cannot be loaded as it is."""
+
+    code = "checkpoint"
+
+
+class ProtocolError(WandError):
+    """A message that does not follow protocol v1."""
+
+    code = "bad_message"
+
+
+class DaemonError(WandError):
+    """The daemon answered a request with an error reply."""
+
+
+class ConnectError(WandError):
+    """No daemon answered at the endpoint."""
+
+    code = "unreachable"
+
+
+class BindError(WandError):
+    """A module skeleton could not be bound to the attached tensors."""
+
+    code = "bind"

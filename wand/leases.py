@@ -1,0 +1,83 @@
+"""Leases: which live client processes map which components.
+
+A lease belongs to a process, not to a connection: tensors a client has mapped stay valid
+after it closes its socket, so only an explicit detach or the process's exit ends a lease.
+Exit is seen through a pidfd, which becomes readable when the process dies however it
+dies (normal exit, exception, SIGKILL) and cannot be fooled by pid reuse.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Lease:
+    component: str
+    count: int = 0  # attaches minus detaches by this process
+    since: float = field(default_factory=time.time)
+
+
+@dataclass
+class ClientProcess:
+    pid: int
+    uid: int
+    name: str
+    pidfd: int
+    leases: dict[str, Lease] = field(default_factory=dict)
+
+
+class LeaseTable:
+    def __init__(self) -> None:
+        self._procs: dict[int, ClientProcess] = {}
+
+    def acquire(self, pid: int, uid: int, name: str, component: str) -> Lease:
+        proc = self._procs.get(pid) or self._track(pid, uid, name)
+        lease = proc.leases.setdefault(component, Lease(component))
+        lease.count += 1
+        return lease
+
+    def release(self, pid: int, component: str) -> bool:
+        """Drop one attach of ``component`` by ``pid``; False if it held none."""
+        proc = self._procs.get(pid)
+        lease = proc.leases.get(component) if proc else None
+        if lease is None:
+            return False
+        lease.count -= 1
+        if lease.count <= 0:
+            del proc.leases[component]
+        if not proc.leases:
+            self._forget(pid)
+        return True
+
+    def reap(self, pidfd: int) -> ClientProcess | None:
+        """The process behind ``pidfd`` has exited: forget it and all it held."""
+        for proc in self._procs.values():
+            if proc.pidfd == pidfd:
+                self._forget(proc.pid)
+                return proc
+        return None
+
+    def holders(self, component: str) -> list[int]:
+        return [p.pid for p in self._procs.values() if component in p.leases]
+
+    def pidfds(self) -> list[int]:
+        return [p.pidfd for p in self._procs.values()]
+
+    def processes(self) -> list[ClientProcess]:
+        return list(self._procs.values())
+
+    def close(self) -> None:
+        for pid in list(self._procs):
+            self._forget(pid)
+
+    def _track(self, pid: int, uid: int, name: str) -> ClientProcess:
+        proc = ClientProcess(pid, uid, name, os.pidfd_open(pid))
+        self._procs[pid] = proc
+        return proc
+
+    def _forget(self, pid: int) -> None:
+        proc = self._procs.pop(pid)
+        os.close(proc.pidfd)

@@ -1,0 +1,61 @@
+"""Filling a slab from checkpoint files: parallel copies, dtype cast on the way, progress."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from wand.errors import CheckpointError
+from wand.manifest import DTYPES
+from wand.spec import ComponentSpec, TensorSpec
+from wand.tensorfile import TensorFile
+
+Progress = Callable[[int], None]  # called with the bytes just written
+
+
+def fill(
+    flat: torch.Tensor,
+    spec: ComponentSpec,
+    rows: list[list],
+    progress: Progress = lambda n: None,
+    workers: int | None = None,
+) -> None:
+    """Copy every tensor of ``spec`` into ``flat`` at the offsets of ``rows``.
+
+    Source tensors are memory maps of the files, so the only full pass over the bytes is the
+    copy itself, which also casts to the resident dtype. Copies run on a thread pool (torch
+    releases the GIL), a few tensors at a time.
+    """
+    files = _open_files(spec)
+    lock = threading.Lock()
+
+    def copy(item: tuple[TensorSpec, list]) -> None:
+        t, (_, dtype, shape, stride, offset) = item
+        src = _source(files[t.file], t)
+        dst = flat.view(DTYPES[dtype]).as_strided(shape, stride, offset // t.dtype.itemsize)
+        dst.copy_(src.reshape(shape))
+        with lock:
+            progress(dst.nbytes)
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(copy, zip(spec.tensors, rows, strict=True)))
+
+
+def _open_files(spec: ComponentSpec) -> dict:
+    return {path: TensorFile(path) for path in {t.file for t in spec.tensors}}
+
+
+def _source(f: TensorFile, t: TensorSpec) -> torch.Tensor:
+    info = f.info(t.key)
+    if math.prod(info.shape) != math.prod(t.shape):
+        raise CheckpointError(
+            f"{f.path}: tensor {t.key!r} has shape {list(info.shape)}, "
+            f"expected {math.prod(t.shape)} elements for {t.name} {list(t.shape)}"
+        )
+    return f.tensor(t.key)

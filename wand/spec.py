@@ -1,0 +1,50 @@
+"""What to load: the contract between checkpoint knowledge (``wand.wan``) and the store.
+
+A checkpoint reader turns a folder into a :class:`CheckpointSpec`; the store reads exactly
+the tensors it names, renamed and cast as it says, and knows nothing else about Wan2.2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One resident tensor: where its bytes are on disk and how it lives in the slab."""
+
+    name: str  # state-dict name in the component's class
+    file: Path
+    key: str  # key inside ``file``
+    shape: tuple[int, ...]  # resident shape; same element count as on disk
+    dtype: torch.dtype  # resident dtype
+    aliases: tuple[str, ...] = ()  # further state-dict names for the same tensor (tied weights)
+
+
+@dataclass
+class ComponentSpec:
+    """One model of a checkpoint, addressed as ``<checkpoint>/<name>``."""
+
+    name: str  # text_encoder, vae, high_noise_model, low_noise_model, model
+    cls: str  # "diffusers:WanTransformer3DModel", "transformers:UMT5EncoderModel", ...
+    config: dict[str, Any]
+    tensors: list[TensorSpec]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.dtype.itemsize * math.prod(t.shape) for t in self.tensors)
+
+
+@dataclass
+class CheckpointSpec:
+    path: Path
+    task: str  # t2v-A14B, i2v-A14B, ti2v-5B
+    layout: str  # "original" or "diffusers"
+    components: dict[str, ComponentSpec]
+    tokenizer: Path | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # pipeline facts (boundary, ...)
