@@ -19,18 +19,32 @@ from wand.errors import ConnectError, WandError
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """Options valid before and after the command; only the top level sets their defaults,
+    so that ``wanctl --json status`` and ``wanctl status --json`` both work."""
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--endpoint", help="daemon endpoint (default: WAND_ENDPOINT or runtime dir)"
+        "--endpoint",
+        default=d(None),
+        help="daemon endpoint (default: WAND_ENDPOINT or runtime dir)",
     )
-    common.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
-    common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    common.add_argument(
+        "--json", action="store_true", default=d(False), help="print the reply as JSON"
+    )
+    common.add_argument(
+        "--timeout", type=float, default=d(5.0), help="seconds to wait for the daemon (default 5)"
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(defaults=False)
     p = argparse.ArgumentParser(
         prog="wanctl",
         description="Control and inspect the wand daemon.",
         epilog="Exit codes: 0 ok, 1 error reply, 2 usage, 3 no daemon reachable.",
-        parents=[common],
+        parents=[_common_options(defaults=True)],
     )
     p.add_argument("--version", action="version", version=f"wanctl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -53,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
         "counts at reduced width (both layouts) and measures on it.",
     )
     bench.add_argument("--checkpoint", type=Path, help="measure this checkpoint instead")
-    bench.add_argument("--layers", type=int, default=40, help="transformer layers (default 40)")
     bench.add_argument("--width", type=int, help="transformer width of the generated checkpoint")
     bench.add_argument("--repeat", type=int, default=5, help="fresh client processes per figure")
     tiny = sub.add_parser(
@@ -66,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dest", help="folder to create")
     tiny.add_argument("--task", default="t2v-A14B", choices=["t2v-A14B", "i2v-A14B", "ti2v-5B"])
     tiny.add_argument("--layout", default="original", choices=["original", "diffusers"])
+    tiny.add_argument(
+        "--preset",
+        default="tiny",
+        choices=["tiny", "bench"],
+        help="tiny: a few MB; bench: the real A14B tensor counts at reduced width",
+    )
     tiny.add_argument("--layers", type=int, help="transformer layers (40 = the real tensor count)")
     tiny.add_argument("--width", type=int, help="transformer width (attention heads x 128 scale)")
     tiny.add_argument("--seed", type=int, default=0)
@@ -137,7 +156,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from wand import bench
 
-    result = bench.run(args.checkpoint, repeat=args.repeat, layers=args.layers, width=args.width)
+    result = bench.run(args.checkpoint, repeat=args.repeat, width=args.width)
     print(json.dumps(result, indent=2) if args.json else bench.render(result))
     return EXIT_OK
 

@@ -33,11 +33,9 @@ def run(
     work = Path(workdir or tempfile.mkdtemp(prefix="wand-bench-"))
     baseline_dir = None
     if checkpoint is None:
-        checkpoint = write_tiny(
-            work / "t2v-original", "t2v-A14B", "original", layers=layers, width=width
-        )
-        baseline_dir = write_tiny(
-            work / "t2v-diffusers", "t2v-A14B", "diffusers", layers=layers, width=width
+        checkpoint, baseline_dir = (
+            write_tiny(work / layout, "t2v-A14B", layout, preset="bench", width=width)
+            for layout in ("original", "diffusers")
         )
     spec = read_checkpoint(checkpoint)
     if spec.layout == "diffusers":

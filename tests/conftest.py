@@ -1,0 +1,152 @@
+"""Shared fixtures: tiny checkpoints on disk and real daemon processes on real sockets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import wand
+from wand.errors import WandError
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYOUT_CASES = [
+    ("t2v-A14B", "original"),
+    ("i2v-A14B", "original"),
+    ("ti2v-5B", "original"),
+    ("t2v-A14B", "diffusers"),
+    ("i2v-A14B", "diffusers"),
+]
+
+
+@pytest.fixture(scope="session")
+def ckpt_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="wand-ckpt-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny(ckpt_root: Path):
+    """``tiny(task, layout)`` → path of a tiny checkpoint, written once per session."""
+    from wand.wan import write_tiny
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(task: str = "t2v-A14B", layout: str = "original") -> Path:
+        if (task, layout) not in made:
+            made[task, layout] = write_tiny(ckpt_root / f"{task}-{layout}", task, layout)
+        return made[task, layout]
+
+    return make
+
+
+class Daemon:
+    """A ``wand`` process on its own short ipc endpoint."""
+
+    def __init__(self, checkpoint: Path, *extra: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="wand-"))  # short: ipc paths max 107 bytes
+        self.endpoint = f"ipc://{self.dir}/wand.sock"
+        self.log = self.dir / "daemon.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "wand.daemon",
+            "--checkpoint",
+            str(checkpoint),
+            "--endpoint",
+            self.endpoint,
+            *extra,
+        ]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 60.0) -> Daemon:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                with wand.connect(self.endpoint, timeout=2) as c:
+                    states = {comp["state"] for comp in c.status()["components"]}
+                if states == {"ready"}:
+                    return self
+            except WandError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.output()}")
+
+    def connect(self, timeout: float = 10.0) -> wand.Client:
+        return wand.connect(self.endpoint, timeout=timeout)
+
+    def wanctl(self, *args: str) -> subprocess.CompletedProcess:
+        return run_wanctl("--endpoint", self.endpoint, *args)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.proc.returncode
+
+
+def run_wanctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "wanctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def start_daemon() -> Iterator:
+    """``start_daemon(checkpoint, *flags)`` → a started :class:`Daemon`, stopped at teardown."""
+    started: list[Daemon] = []
+
+    def start(checkpoint: Path, *extra: str) -> Daemon:
+        d = Daemon(checkpoint, *extra)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny) -> Iterator[Daemon]:
+    """One ready daemon on the tiny t2v-A14B original checkpoint, shared by a test module."""
+    d = Daemon(tiny("t2v-A14B", "original")).wait_ready()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def big_daemon(ckpt_root: Path) -> Iterator[Daemon]:
+    """A daemon on a checkpoint wide enough (≈ 90 MB) to see memory figures above noise."""
+    from wand.wan import write_tiny
+
+    path = ckpt_root / "t2v-A14B-wide"
+    if not path.exists():
+        write_tiny(path, "t2v-A14B", "original", width=512, layers=4)
+    d = Daemon(path).wait_ready()
+    yield d
+    d.stop()

@@ -1,0 +1,134 @@
+"""wanctl against a real daemon: output, --json, exit codes; and the daemon's lifecycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from conftest import run_wanctl
+
+from wand import slab
+
+COMPONENTS = {"text_encoder", "vae", "high_noise_model", "low_noise_model"}
+
+
+def test_status_shows_every_component(daemon):
+    out = daemon.wanctl("status")
+    assert out.returncode == 0, out.stderr
+    for comp in COMPONENTS:
+        assert f"t2v-A14B/{comp}" in out.stdout
+    assert "ready" in out.stdout and "cpu" in out.stdout and "bfloat16" in out.stdout
+
+
+def test_status_json_has_the_fields(daemon):
+    out = daemon.wanctl("status", "--json")
+    reply = json.loads(out.stdout)
+    assert reply["daemon"]["state"] == "ready"
+    assert reply["checkpoints"][0]["task"] == "t2v-A14B"
+    comps = {c["component"]: c for c in reply["components"]}
+    assert set(comps) == COMPONENTS
+    for c in comps.values():
+        assert c["device"] == "cpu" and c["bytes"] > 0 and c["tensors"] > 0
+        assert c["state"] == "ready" and c["checksum"].startswith("blake2b")
+        assert isinstance(c["clients"], int)
+    assert comps["vae"]["dtype"] == "float32"
+    assert comps["high_noise_model"]["dtype"] == "bfloat16"
+
+
+def test_ls_and_ping(daemon):
+    out = daemon.wanctl("ls")
+    assert out.returncode == 0
+    assert "WanTransformer3DModel" in out.stdout and "UMT5EncoderModel" in out.stdout
+    assert daemon.wanctl("ping").stdout.strip() == "pong"
+    assert json.loads(daemon.wanctl("ls", "--json").stdout)["components"]
+
+
+def test_ps_lists_attached_processes(daemon):
+    with daemon.connect() as c:
+        c.attach("vae")
+        clients = json.loads(daemon.wanctl("ps", "--json").stdout)["clients"]
+        mine = [p for p in clients if p["pid"] == os.getpid()]
+        assert mine and mine[0]["leases"][0]["component"] == "t2v-A14B/vae"
+        assert str(os.getpid()) in daemon.wanctl("ps").stdout
+        c.detach("vae")
+    clients = json.loads(daemon.wanctl("ps", "--json").stdout)["clients"]
+    assert all(p["pid"] != os.getpid() for p in clients)
+
+
+def test_no_daemon_exits_3_and_says_where_it_looked(tmp_path):
+    endpoint = f"ipc://{tmp_path}/none.sock"
+    out = run_wanctl("--endpoint", endpoint, "status")
+    assert out.returncode == 3
+    assert endpoint in out.stderr
+    out = run_wanctl("ping", env={"WAND_ENDPOINT": endpoint})
+    assert out.returncode == 3 and "WAND_ENDPOINT" in out.stderr
+
+
+def test_usage_errors_exit_2():
+    assert run_wanctl("frobnicate").returncode == 2
+    assert run_wanctl().returncode == 2
+    assert run_wanctl("status", "--timeout", "soon").returncode == 2
+
+
+def test_help_lists_the_commands():
+    out = run_wanctl("--help")
+    for cmd in ("status", "ls", "ps", "ping", "stop", "make-tiny"):
+        assert cmd in out.stdout
+
+
+def test_stop_ends_the_daemon_and_cleans_up(tiny, start_daemon):
+    d = start_daemon(tiny()).wait_ready()
+    slabs = [c["name"] for c in json.loads(d.wanctl("status", "--json").stdout)["components"]]
+    assert slabs
+    mine = _my_slabs(d.proc.pid)
+    assert len(mine) == 4
+    out = d.wanctl("stop")
+    assert out.returncode == 0 and "stopping" in out.stdout
+    assert d.proc.wait(20) == 0
+    assert not _my_slabs(d.proc.pid)
+    assert not (d.dir / "wand.sock").exists()
+
+
+def test_sigterm_stops_cleanly(tiny, start_daemon):
+    d = start_daemon(tiny()).wait_ready()
+    assert d.stop() == 0
+    assert not _my_slabs(d.proc.pid)
+
+
+def test_second_daemon_on_same_endpoint_refuses(tiny, start_daemon, daemon):
+    d = start_daemon(tiny(), "--endpoint", daemon.endpoint)
+    assert d.proc.wait(60) == 1
+    assert "already serving" in d.output()
+    assert daemon.wanctl("ping").returncode == 0
+
+
+def test_stale_slabs_of_a_dead_daemon_are_removed(tiny, start_daemon):
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    stale = slab.SHM_DIR / f"wand-{os.geteuid()}-{dead}-0-t2v-A14B_vae"
+    stale.write_bytes(b"\0" * 4096)
+    d = start_daemon(tiny()).wait_ready()
+    assert not stale.exists()
+    assert "removed stale slab" in d.output()
+
+
+def test_truncated_shard_is_a_clear_load_error(tiny, start_daemon, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny(), broken)
+    shard = sorted((broken / "low_noise_model").glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    d = start_daemon(broken)
+    assert d.proc.wait(60) == 1
+    out = d.output()
+    assert shard.name in out and "truncated" in out
+    assert "'" in out  # the key is quoted in the message
+
+
+def _my_slabs(pid: int) -> list:
+    time.sleep(0.1)
+    return list(slab.SHM_DIR.glob(f"wand-{os.geteuid()}-{pid}-*"))
