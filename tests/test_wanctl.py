@@ -132,3 +132,19 @@ def test_truncated_shard_is_a_clear_load_error(tiny, start_daemon, tmp_path):
 def _my_slabs(pid: int) -> list:
     time.sleep(0.1)
     return list(slab.SHM_DIR.glob(f"wand-{os.geteuid()}-{pid}-*"))
+
+
+def test_dtype_flags_set_resident_dtypes(tiny, start_daemon):
+    d = start_daemon(tiny(), "--dtype", "float32", "--dtype", "vae=bfloat16").wait_ready()
+    comps = {
+        c["component"]: c for c in json.loads(d.wanctl("status", "--json").stdout)["components"]
+    }
+    assert comps["vae"]["dtype"] == "bfloat16"
+    assert comps["high_noise_model"]["dtype"] == "float32"
+    assert comps["text_encoder"]["dtypes"] == {"float32": comps["text_encoder"]["bytes"]}
+
+
+def test_bad_dtype_flag_is_a_clear_error(tiny, start_daemon):
+    d = start_daemon(tiny(), "--dtype", "t5=float32")
+    assert d.proc.wait(60) == 1
+    assert "no component 't5'" in d.output()

@@ -40,17 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_dtypes(items: list[str], components: list[str]) -> dict[str, torch.dtype]:
-    """``["bfloat16", "vae=float32"]`` → ``{component: dtype}``; later items win."""
+def parse_dtypes(items: list[str]) -> dict[str, torch.dtype]:
+    """``["bfloat16", "vae=float32"]`` → ``{"*": bfloat16, "vae": float32}``."""
     out: dict[str, torch.dtype] = {}
     for item in items:
         target, _, name = item.rpartition("=")
         dtype = getattr(torch, name, None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise WandError(f"--dtype {item}: {name!r} is not a floating-point dtype")
-        if target and target not in components:
-            raise WandError(f"--dtype {item}: no component {target!r} ({', '.join(components)})")
-        out.update({c: dtype for c in ([target] if target else components)})
+        out[target or "*"] = dtype
     return out
 
 
@@ -73,11 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise WandError(f"--device {args.device}: only 'cpu' is supported in this version")
     for path in slab.remove_stale():
         log.info("removed stale slab %s", path)
-    spec = read_checkpoint(args.checkpoint, task=args.task)
-    if args.dtype:
-        spec = read_checkpoint(
-            args.checkpoint, task=args.task, dtypes=parse_dtypes(args.dtype, list(spec.components))
-        )
+    spec = read_checkpoint(args.checkpoint, task=args.task, dtypes=parse_dtypes(args.dtype))
     store = Store()
     comps = store.add(args.name or spec.task, spec)
     server = Server(store, resolve(args.endpoint))

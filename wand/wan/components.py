@@ -1,0 +1,84 @@
+"""Match a component's files against its class skeleton and describe every resident tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from wand.errors import CheckpointError
+from wand.modules import skeleton
+from wand.spec import ComponentSpec, TensorSpec
+from wand.wan.dtypes import resident_dtype
+from wand.wan.sources import Source
+
+MAX_LISTED = 5
+
+
+def component_spec(
+    name: str,
+    cls: str,
+    config: dict[str, Any],
+    source: Source,
+    to_key: Callable[[str], str],
+    dtype: torch.dtype,
+) -> ComponentSpec:
+    """The spec of component ``name``: every state-dict entry of ``cls(config)`` found in
+    ``source`` under ``to_key(entry)``, with the right shape, and nothing left over.
+
+    Several entries may share one key (tied weights): the first is the tensor's name, the
+    others its aliases.
+    """
+    try:
+        module = skeleton(cls, config)
+    except Exception as e:  # whatever the class raises on a config it cannot take
+        raise CheckpointError(f"{name}: {source.origin}: config does not build {cls}: {e}") from e
+    expected = module.state_dict()
+    names_of = _names_by_key(expected, source, to_key, _tied(module))
+    problems = [
+        f"{source.origin}: missing tensor {k!r} (for {n[0]})"
+        for k, n in names_of.items()
+        if k not in source
+    ]
+    problems += [
+        f"{source.file(k)}: unexpected tensor {k!r}" for k in source.keys() if k not in names_of
+    ]
+    tensors = []
+    for key, names in names_of.items():
+        if key not in source:
+            continue
+        info, want = source.info(key), tuple(expected[names[0]].shape)
+        if info.shape != want:
+            found = f"{source.file(key)}: tensor {key!r} has shape {list(info.shape)}"
+            problems.append(f"{found}, {names[0]} needs {list(want)}")
+            continue
+        resident = resident_dtype(cls, module, names[0], info.dtype, dtype)
+        tensors.append(
+            TensorSpec(names[0], source.file(key), key, want, resident, tuple(names[1:]))
+        )
+    if problems:
+        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+        raise CheckpointError(f"{name}: " + "; ".join(problems[:MAX_LISTED]) + more)
+    return ComponentSpec(name, cls, config, tensors)
+
+
+def _names_by_key(
+    expected: dict[str, torch.Tensor],
+    source: Source,
+    to_key: Callable[[str], str],
+    tied: dict[str, str],
+) -> dict[str, list[str]]:
+    names_of: dict[str, list[str]] = {}
+    for name in expected:
+        key = to_key(name)
+        if key not in source and name in tied:  # a tied copy the writer did not store
+            key = to_key(tied[name])
+        names_of.setdefault(key, []).append(name)
+    return names_of
+
+
+def _tied(module: torch.nn.Module) -> dict[str, str]:
+    """transformers' declared ties (name → name it is tied to); diffusers Wan classes have none."""
+    tied = getattr(module, "_tied_weights_keys", None)
+    return dict(tied) if isinstance(tied, dict) else {}

@@ -1,0 +1,23 @@
+"""Plain (copying) load of one component from its spec: for tests, tools and small models.
+
+The daemon loads into slabs instead; this is the reference it can be checked against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from wand.spec import ComponentSpec
+from wand.tensorfile import TensorFile
+
+
+def load_state_dict(component: ComponentSpec) -> dict[str, torch.Tensor]:
+    """Every state-dict entry (aliases included) as a CPU tensor in its resident dtype/shape."""
+    files: dict[str, TensorFile] = {}
+    state: dict[str, torch.Tensor] = {}
+    for spec in component.tensors:
+        f = files.setdefault(str(spec.file), TensorFile(spec.file))
+        tensor = f.tensor(spec.key).to(spec.dtype, copy=True).reshape(spec.shape)
+        for name in (spec.name, *spec.aliases):
+            state[name] = tensor
+    return state

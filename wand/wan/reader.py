@@ -1,0 +1,197 @@
+"""Read a Wan2.2 checkpoint folder (original or ``-Diffusers`` layout) into a CheckpointSpec."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wand.errors import CheckpointError
+from wand.spec import CheckpointSpec, ComponentSpec
+from wand.wan import configs, original_names
+from wand.wan.components import component_spec
+from wand.wan.sources import open_file, open_index, open_weights
+from wand.wan.tasks import (
+    DEFAULT_DTYPES,
+    DIFFUSERS_EXPERT_DIRS,
+    EXPERT_INDEX,
+    T5_FILE,
+    TASKS,
+    TEXT_ENCODER,
+    TOKENIZER_DIR,
+    TRANSFORMER,
+    VAE,
+    VAE_FILES,
+    Task,
+)
+
+
+def read_checkpoint(
+    path: str | Path,
+    task: str | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+) -> CheckpointSpec:
+    """Describe every resident tensor of the checkpoint at ``path``.
+
+    ``task`` overrides detection (a folder that contradicts it is an error); ``dtypes`` maps
+    component names, or ``"*"`` for all of them, to the dtype they should run in (default:
+    what Wan2.2 uses); a named component wins over ``"*"``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint folder")
+    layout = "diffusers" if (root / "model_index.json").is_file() else "original"
+    detected = _detect_diffusers(root) if layout == "diffusers" else _detect_original(root)
+    if task is not None and task not in TASKS:
+        raise CheckpointError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    if task is not None and task != detected:
+        raise CheckpointError(f"{root}: asked for task {task}, but the folder holds {detected}")
+    info = TASKS[detected]
+    names = ("text_encoder", "vae", *info.experts)
+    dtypes = dict(dtypes or {})
+    unknown = set(dtypes) - {"*", *names}
+    if unknown:
+        raise CheckpointError(f"{root}: {detected} has no component {sorted(unknown)[0]!r}")
+    everywhere = dict.fromkeys(names, dtypes.pop("*")) if "*" in dtypes else {}
+    want = {**DEFAULT_DTYPES, **everywhere, **dtypes}
+    reader = _read_diffusers if layout == "diffusers" else _read_original
+    components, tokenizer, extras = reader(root, info, want)
+    return CheckpointSpec(root, detected, layout, components, tokenizer, extras)
+
+
+# ---- detection ----------------------------------------------------------------------------
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _detect_original(root: Path) -> str:
+    if (root / "high_noise_model").is_dir():
+        config = root / "high_noise_model" / "config.json"
+    elif (root / "config.json").is_file():
+        config = root / "config.json"
+    else:
+        raise CheckpointError(f"{root}: no model_index.json, high_noise_model/ or config.json")
+    model_type = _json(config).get("model_type")
+    for name, info in TASKS.items():
+        if info.model_type == model_type and (len(info.experts) == 2) == (config.parent != root):
+            return name
+    raise CheckpointError(f"{config}: model_type {model_type!r} does not fit this folder")
+
+
+def _detect_diffusers(root: Path) -> str:
+    index = _json(root / "model_index.json")
+    two = (index.get("transformer_2") or [None])[0] is not None
+    in_channels = _json(root / "transformer" / "config.json").get("in_channels")
+    for name, info in TASKS.items():
+        if (len(info.experts) == 2) == two and info.in_channels == in_channels:
+            return name
+    raise CheckpointError(
+        f"{root}: no Wan2.2 task has transformer in_channels {in_channels} "
+        f"{'with' if two else 'without'} transformer_2"
+    )
+
+
+# ---- original layout ----------------------------------------------------------------------
+
+
+def _read_original(root: Path, info: Task, dtypes: dict[str, torch.dtype]):
+    components: dict[str, ComponentSpec] = {}
+    t5 = open_file(root / T5_FILE)
+    components["text_encoder"] = component_spec(
+        "text_encoder",
+        TEXT_ENCODER,
+        configs.t5_config(t5),
+        t5,
+        original_names.t5,
+        dtypes["text_encoder"],
+    )
+    vae = open_file(root / VAE_FILES[info.vae])
+    if configs.vae_version(vae) != info.vae:
+        raise CheckpointError(f"{vae.origin}: holds a Wan{configs.vae_version(vae)} VAE")
+    vae_config = configs.vae_config(vae)
+    rename = original_names.vae22 if info.vae == "2.2" else original_names.vae21
+    to_key = partial(rename, num_res_blocks=vae_config["num_res_blocks"])
+    components["vae"] = component_spec("vae", VAE, vae_config, vae, to_key, dtypes["vae"])
+    for expert in info.experts:
+        folder = root / expert if len(info.experts) == 2 else root
+        source = open_index(folder / EXPERT_INDEX)
+        config = configs.transformer_config(_json(folder / "config.json"), source)
+        components[expert] = component_spec(
+            expert, TRANSFORMER, config, source, original_names.transformer, dtypes[expert]
+        )
+    extras = _extras(info, {**_scheduler_defaults(), "flow_shift": info.sample_shift})
+    return components, _tokenizer(root / TOKENIZER_DIR), extras
+
+
+def _scheduler_defaults() -> dict[str, Any]:
+    """The UniPC flow-matching scheduler diffusers pairs with Wan (shift set per task)."""
+    return {
+        "_class_name": "UniPCMultistepScheduler",
+        "prediction_type": "flow_prediction",
+        "use_flow_sigmas": True,
+        "num_train_timesteps": 1000,
+    }
+
+
+# ---- diffusers layout ---------------------------------------------------------------------
+
+
+def _read_diffusers(root: Path, info: Task, dtypes: dict[str, torch.dtype]):
+    index = _json(root / "model_index.json")
+    components: dict[str, ComponentSpec] = {}
+    folder = root / "text_encoder"
+    components["text_encoder"] = _diffusers_component(
+        "text_encoder", TEXT_ENCODER, folder, "model", dtypes["text_encoder"]
+    )
+    components["vae"] = _diffusers_component(
+        "vae", VAE, root / "vae", "diffusion_pytorch_model", dtypes["vae"]
+    )
+    for expert in info.experts:
+        folder = root / DIFFUSERS_EXPERT_DIRS[expert]
+        components[expert] = _diffusers_component(
+            expert, TRANSFORMER, folder, "diffusion_pytorch_model", dtypes[expert]
+        )
+    scheduler = _json(root / "scheduler" / "scheduler_config.json")
+    extras = _extras(info, scheduler)
+    for key in ("boundary_ratio", "expand_timesteps"):
+        if key in index:
+            extras[key] = index[key]
+    return components, _tokenizer(root / "tokenizer"), extras
+
+
+def _diffusers_component(
+    name: str, cls: str, folder: Path, stem: str, dtype: torch.dtype
+) -> ComponentSpec:
+    config = {k: v for k, v in _json(folder / "config.json").items() if not k.startswith("_")}
+    source = open_weights(folder, f"{stem}.safetensors.index.json", f"{stem}.safetensors")
+    return component_spec(name, cls, config, source, lambda n: n, dtype)
+
+
+# ---- shared -------------------------------------------------------------------------------
+
+
+def _extras(info: Task, scheduler: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "boundary_ratio": info.boundary_ratio,
+        "expand_timesteps": info.expand_timesteps,
+        "pipeline": info.pipeline,
+        "scheduler": scheduler,
+    }
+
+
+def _tokenizer(folder: Path) -> Path | None:
+    return folder if folder.is_dir() else None

@@ -1,0 +1,81 @@
+"""The tensors of one component on disk: a single file, or safetensors shards with an index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wand.errors import CheckpointError
+from wand.tensorfile import TensorFile, TensorInfo
+
+
+class Source:
+    """Key → (file, info) for every tensor of a component, across all its files.
+
+    ``origin`` is the file that lists the keys (the index, or the only file): a key that
+    should be there and is not is reported against it.
+    """
+
+    def __init__(self, origin: Path, files: dict[str, TensorFile]) -> None:
+        self.origin = origin
+        self._files = files  # key → the file holding it
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def file(self, key: str) -> Path:
+        return self._files[key].path
+
+    def info(self, key: str) -> TensorInfo:
+        return self._files[key].info(key)
+
+
+def open_file(path: Path) -> Source:
+    f = TensorFile(path)
+    return Source(path, dict.fromkeys(f.keys(), f))
+
+
+def open_index(index: Path) -> Source:
+    """Shards named by a ``*.safetensors.index.json``; every key must be in the shard named."""
+    weight_map = _weight_map(index)
+    shards: dict[str, TensorFile] = {}
+    files: dict[str, TensorFile] = {}
+    for key, shard in weight_map.items():
+        if shard not in shards:
+            path = index.parent / shard
+            if not path.is_file():
+                raise CheckpointError(f"{index}: shard {shard!r} (holding {key!r}) is missing")
+            shards[shard] = TensorFile(path)
+        if key not in shards[shard].keys():
+            raise CheckpointError(f"{shards[shard].path}: no tensor {key!r} (listed in {index})")
+        files[key] = shards[shard]
+    return Source(index, files)
+
+
+def open_weights(folder: Path, index_name: str, single_name: str) -> Source:
+    """A diffusers/transformers weights folder: sharded with an index, or one file."""
+    if (folder / index_name).is_file():
+        return open_index(folder / index_name)
+    if (folder / single_name).is_file():
+        return open_file(folder / single_name)
+    raise CheckpointError(f"{folder}: neither {index_name} nor {single_name} found")
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{index}: file not found") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a shard index: {e}") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+    for key, shard in weight_map.items():
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise CheckpointError(f"{index}: shard {shard!r} of {key!r} is not a plain file name")
+    return weight_map
