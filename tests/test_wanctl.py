@@ -148,3 +148,26 @@ def test_bad_dtype_flag_is_a_clear_error(tiny, start_daemon):
     d = start_daemon(tiny(), "--dtype", "t5=float32")
     assert d.proc.wait(60) == 1
     assert "no component 't5'" in d.output()
+
+
+def test_verify_checks_every_component_and_finds_corruption(tiny, start_daemon):
+    d = start_daemon(tiny()).wait_ready()
+    out = d.wanctl("verify", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert {r["name"].split("/")[1] for r in rows} == COMPONENTS
+    assert all(r["checksum_ok"] for r in rows)
+    assert {r["class"] for r in rows} == {
+        "UMT5EncoderModel",
+        "AutoencoderKLWan",
+        "WanTransformer3DModel",
+    }
+    vae = next(p for p in _my_slabs(d.proc.pid) if p.name.endswith("vae"))
+    os.chmod(vae, 0o640)
+    with open(vae, "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    out = d.wanctl("verify", "vae")
+    assert out.returncode == 1
+    assert "MISMATCH" in out.stdout

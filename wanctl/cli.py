@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         "counts at reduced width (both layouts) and measures on it.",
     )
     bench.add_argument("--checkpoint", type=Path, help="measure this checkpoint instead")
-    bench.add_argument("--width", type=int, help="transformer width of the generated checkpoint")
+    bench.add_argument(
+        "--width", type=int, default=512, help="width of the generated checkpoint (default 512)"
+    )
     bench.add_argument("--repeat", type=int, default=5, help="fresh client processes per figure")
     tiny = sub.add_parser(
         "make-tiny",
@@ -128,10 +130,14 @@ def _verify(args: argparse.Namespace) -> int:
     import time
 
     from wand.client import Client
+    from wand.modules import resolve_class
 
     rows = []
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
-        for name in args.names or [comp["name"] for comp in c.list()]:
+        listed = c.list()
+        for cls in {comp["class"] for comp in listed}:
+            resolve_class(cls)  # import the libraries first: their import is not attach time
+        for name in args.names or [comp["name"] for comp in listed]:
             start = time.perf_counter()
             att = c.attachment(name)
             attached = time.perf_counter()

@@ -143,7 +143,7 @@ class Attachment:
 
     def verify(self) -> bool:
         """Do the mapped bytes still hash to the checksum the daemon computed at load?"""
-        return manifests.checksum(self.flat) == self.manifest["checksum"]
+        return manifests.verify(self.flat, self.manifest)
 
 
 def connect(

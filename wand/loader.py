@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from wand.errors import CheckpointError
-from wand.manifest import DTYPES
+from wand.manifest import DTYPES, tensor_digest
 from wand.spec import ComponentSpec, TensorSpec
 from wand.tensorfile import TensorFile
 
@@ -24,27 +24,29 @@ def fill(
     rows: list[list],
     progress: Progress = lambda n: None,
     workers: int | None = None,
-) -> None:
-    """Copy every tensor of ``spec`` into ``flat`` at the offsets of ``rows``.
+) -> list[bytes]:
+    """Copy every tensor of ``spec`` into ``flat`` at the offsets of ``rows``; return each
+    tensor's digest, hashed while its bytes are still in cache.
 
     Source tensors are memory maps of the files, so the only full pass over the bytes is the
     copy itself, which also casts to the resident dtype. Copies run on a thread pool (torch
-    releases the GIL), a few tensors at a time.
+    and hashlib release the GIL), one thread per core.
     """
     files = _open_files(spec)
     lock = threading.Lock()
 
-    def copy(item: tuple[TensorSpec, list]) -> None:
+    def copy(item: tuple[TensorSpec, list]) -> bytes:
         t, (_, dtype, shape, stride, offset) = item
         src = _source(files[t.file], t)
         dst = flat.view(DTYPES[dtype]).as_strided(shape, stride, offset // t.dtype.itemsize)
         dst.copy_(src.reshape(shape))
+        digest = tensor_digest(dst)
         with lock:
             progress(dst.nbytes)
+        return digest
 
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(copy, zip(spec.tensors, rows, strict=True)))
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        return list(pool.map(copy, zip(spec.tensors, rows, strict=True)))
 
 
 def _open_files(spec: ComponentSpec) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,7 +31,6 @@ DTYPES = {
         torch.float8_e5m2,
     )
 }
-CHECKSUM_CHUNK = 64 << 20
 
 
 def layout(spec: ComponentSpec) -> tuple[list[list[Any]], int]:
@@ -61,11 +61,11 @@ def views(flat: torch.Tensor, man: dict[str, Any]) -> dict[str, torch.Tensor]:
     typed: dict[str, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     try:
-        for name, dtype, shape, stride, offset in man["tensors"]:
+        for row in man["tensors"]:
+            name, dtype, shape, stride, offset = row
             if dtype not in typed:
                 typed[dtype] = flat.view(DTYPES[dtype])
-            size = DTYPES[dtype].itemsize
-            out[name] = typed[dtype].as_strided(shape, stride, offset // size)
+            out[name] = typed[dtype].as_strided(shape, stride, offset // DTYPES[dtype].itemsize)
         for alias, name in man["aliases"].items():
             out[alias] = out[name]
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -73,13 +73,22 @@ def views(flat: torch.Tensor, man: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def checksum(flat: torch.Tensor, workers: int = 4) -> str:
-    """blake2b over 64 MiB chunks (hashed in parallel), then over the chunk digests."""
-    data = flat.numpy()
-    chunks = [data[i : i + CHECKSUM_CHUNK] for i in range(0, len(data), CHECKSUM_CHUNK)]
-    with ThreadPoolExecutor(workers) as pool:
-        digests = pool.map(lambda c: hashlib.blake2b(c, digest_size=32).digest(), chunks)
-        return "blake2b-64M:" + hashlib.blake2b(b"".join(digests), digest_size=32).hexdigest()
+def checksum(digests: list[bytes]) -> str:
+    """The component's checksum from its tensors' digests, in manifest order."""
+    return "blake2b:" + hashlib.blake2b(b"".join(digests), digest_size=32).hexdigest()
+
+
+def tensor_digest(t: torch.Tensor) -> bytes:
+    """blake2b of one tensor's bytes (GIL released while hashing)."""
+    return hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy(), digest_size=32).digest()
+
+
+def verify(flat: torch.Tensor, man: dict[str, Any], workers: int | None = None) -> bool:
+    """Do the slab's bytes still hash to the checksum in its manifest?"""
+    tensors = views(flat, man)
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        digests = list(pool.map(lambda row: tensor_digest(tensors[row[0]]), man["tensors"]))
+    return checksum(digests) == man["checksum"]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

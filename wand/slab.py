@@ -31,14 +31,12 @@ class ShmSlab:
         safe = re.sub(r"[^\w.-]", "_", label)
         self.path = shm_dir / f"wand-{os.geteuid()}-{os.getpid()}-{next(_seq)}-{safe}"
         self.nbytes = nbytes
+        _check_room(shm_dir, nbytes)
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.posix_fallocate(fd, 0, max(nbytes, 1))  # ENOSPC now, not SIGBUS mid-load
-        except OSError as e:
+            os.ftruncate(fd, nbytes)
+        finally:
             os.close(fd)
-            self.path.unlink()
-            raise WandError(f"cannot reserve {nbytes} bytes in {shm_dir}: {e.strerror}") from None
-        os.close(fd)
         storage = torch.UntypedStorage.from_file(str(self.path), shared=True, nbytes=nbytes)
         self.flat = torch.empty(0, dtype=torch.uint8).set_(storage)
 
@@ -52,6 +50,19 @@ class ShmSlab:
     def free(self) -> None:
         self.path.unlink(missing_ok=True)
         self.flat = torch.empty(0, dtype=torch.uint8)
+
+
+def _check_room(shm_dir: Path, nbytes: int) -> None:
+    """Fail now with a clear error rather than with SIGBUS when a page cannot be had mid-load.
+
+    (Reserving the pages with fallocate would do the same but costs a zero-fill pass.)
+    """
+    st = os.statvfs(shm_dir)
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise WandError(
+            f"{shm_dir} has {free / 1e9:.2f} GB free, a slab of {nbytes / 1e9:.2f} GB does not fit"
+        )
 
 
 def map_readonly(handle: dict[str, Any]) -> torch.Tensor:

@@ -86,8 +86,7 @@ class Store:
         rows, nbytes = manifest.layout(comp.spec)
         slab = comp.slab = ShmSlab(comp.addr, nbytes)  # registered now so a stop frees it
         try:
-            loader.fill(slab.flat, comp.spec, rows, lambda n: _add_progress(comp, n))
-            digest = manifest.checksum(slab.flat)
+            digests = loader.fill(slab.flat, comp.spec, rows, lambda n: _add_progress(comp, n))
         except Exception as e:
             slab.free()
             comp.slab = None
@@ -95,7 +94,12 @@ class Store:
             raise
         slab.seal()
         comp.manifest = manifest.manifest(
-            comp.spec, rows, nbytes, name=comp.addr, checkpoint=comp.checkpoint, checksum=digest
+            comp.spec,
+            rows,
+            nbytes,
+            name=comp.addr,
+            checkpoint=comp.checkpoint,
+            checksum=manifest.checksum(digests),
         )
         comp.load_seconds = time.perf_counter() - start
         comp.state = "ready"
