@@ -73,6 +73,11 @@ class Client:
     def list(self) -> list[dict[str, Any]]:
         return self.request("list")["components"]
 
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """Loaded checkpoints: name, path, task, layout, components, tokenizer folder, extras
+        (boundary ratio, scheduler config, pipeline class...)."""
+        return self.status()["checkpoints"]
+
     def ps(self) -> list[dict[str, Any]]:
         return self.request("ps")["clients"]
 

@@ -20,6 +20,7 @@ from wand.client import Client
 from wand.endpoint import socket_path
 from wand.errors import ProtocolError, WandError
 from wand.leases import LeaseTable
+from wand.spec import CheckpointSpec
 from wand.store import Store
 
 log = logging.getLogger("wand.server")
@@ -172,10 +173,7 @@ class Server:
                 "state": "ready" if states <= {"ready"} else "loading",
                 "clients": len(self.leases.processes()),
             },
-            "checkpoints": [
-                {"name": n, "path": str(s.path), "task": s.task, "layout": s.layout}
-                for n, s in self.store.checkpoints.items()
-            ],
+            "checkpoints": [_checkpoint_info(n, s) for n, s in self.store.checkpoints.items()],
             "components": comps,
         }
 
@@ -232,6 +230,19 @@ class Server:
         log.info("stop requested by pid %s", peer.pid)
         self.stopping = True
         return {"stopping": True}
+
+
+def _checkpoint_info(name: str, spec: CheckpointSpec) -> dict[str, Any]:
+    """What a client needs to assemble a pipeline around the components."""
+    return {
+        "name": name,
+        "path": str(spec.path),
+        "task": spec.task,
+        "layout": spec.layout,
+        "components": {c: f"{name}/{c}" for c in spec.components},
+        "tokenizer": str(spec.tokenizer) if spec.tokenizer else None,
+        "extras": spec.extras,
+    }
 
 
 def _credentials(frame: zmq.Frame) -> tuple[int, int | None]:
