@@ -52,22 +52,21 @@ def tiny(ckpt_root: Path):
 class Daemon:
     """A ``wand`` process on its own short ipc endpoint."""
 
-    def __init__(self, checkpoint: Path, *extra: str) -> None:
+    def __init__(self, checkpoint: Path | None, *extra: str, env: dict | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="wand-"))  # short: ipc paths max 107 bytes
         self.endpoint = f"ipc://{self.dir}/wand.sock"
         self.log = self.dir / "daemon.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "wand.daemon",
-            "--checkpoint",
-            str(checkpoint),
-            "--endpoint",
-            self.endpoint,
-            *extra,
-        ]
+        cmd = [sys.executable, "-m", "wand.daemon", "--endpoint", self.endpoint, *extra]
+        if checkpoint is not None:
+            cmd += ["--checkpoint", str(checkpoint)]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+            )
 
     def wait_ready(self, timeout: float = 60.0) -> Daemon:
         deadline = time.monotonic() + timeout
@@ -121,8 +120,8 @@ def start_daemon() -> Iterator:
     """``start_daemon(checkpoint, *flags)`` → a started :class:`Daemon`, stopped at teardown."""
     started: list[Daemon] = []
 
-    def start(checkpoint: Path, *extra: str) -> Daemon:
-        d = Daemon(checkpoint, *extra)
+    def start(checkpoint: Path | None, *extra: str, env: dict | None = None) -> Daemon:
+        d = Daemon(checkpoint, *extra, env=env)
         started.append(d)
         return d
 

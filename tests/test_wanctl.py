@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from conftest import run_wanctl
 
@@ -104,26 +107,30 @@ def test_second_daemon_on_same_endpoint_refuses(tiny, start_daemon, daemon):
 
 
 def test_stale_slabs_of_a_dead_daemon_are_removed(tiny, start_daemon):
+    shm = Path(tempfile.mkdtemp(dir=slab.SHM_DIR, prefix="test-"))  # no other daemon looks here
     dead = os.fork()
     if dead == 0:
         os._exit(0)
     os.waitpid(dead, 0)
-    stale = slab.SHM_DIR / f"wand-{os.geteuid()}-{dead}-0-t2v-A14B_vae"
+    stale = shm / f"wand-{os.geteuid()}-{dead}-0-t2v-A14B_vae"
     stale.write_bytes(b"\0" * 4096)
-    d = start_daemon(tiny()).wait_ready()
-    assert not stale.exists()
+    live = shm / f"wand-{os.geteuid()}-{os.getpid()}-0-t2v-A14B_vae"  # our pid: alive
+    live.write_bytes(b"\0" * 4096)
+    d = start_daemon(tiny(), env={"WAND_SHM_DIR": str(shm)}).wait_ready()
+    assert not stale.exists() and live.exists()
     assert "removed stale slab" in d.output()
+    assert len(list(shm.glob(f"wand-{os.geteuid()}-{d.proc.pid}-*"))) == 4
+    d.stop()
+    shutil.rmtree(shm)
 
 
 def test_truncated_shard_is_a_clear_load_error(tiny, start_daemon, tmp_path):
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(tiny(), broken)
     shard = sorted((broken / "low_noise_model").glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-100])
     d = start_daemon(broken)
-    assert d.proc.wait(60) == 1
+    assert d.proc.wait(60) == 78
     out = d.output()
     assert shard.name in out and "truncated" in out
     assert "'" in out  # the key is quoted in the message
@@ -146,7 +153,7 @@ def test_dtype_flags_set_resident_dtypes(tiny, start_daemon):
 
 def test_bad_dtype_flag_is_a_clear_error(tiny, start_daemon):
     d = start_daemon(tiny(), "--dtype", "t5=float32")
-    assert d.proc.wait(60) == 1
+    assert d.proc.wait(60) == 78
     assert "no component 't5'" in d.output()
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from wanctl import generate, manage, units
 from wand import __version__
 from wand.errors import ConnectError, WandError
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--width", type=int, default=512, help="width of the generated checkpoint (default 512)"
     )
     bench.add_argument("--repeat", type=int, default=5, help="fresh client processes per figure")
+    generate.add_parser(sub, common)
     tiny = sub.add_parser(
         "make-tiny",
         parents=[common],
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, help="transformer layers (40 = the real tensor count)")
     tiny.add_argument("--width", type=int, help="transformer width (attention heads x 128 scale)")
     tiny.add_argument("--seed", type=int, default=0)
+    units.add_parser(sub, [common])
+    manage.add_parsers(sub, common)
     return p
 
 
@@ -189,5 +193,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "stop": _daemon("stop", lambda r: "stopping"),
     "verify": _verify,
     "bench": _bench,
+    "generate": generate.run,
     "make-tiny": _make_tiny,
+    "install-units": units.run,
+    "load": manage.load,
+    "unload": manage.unload,
+    "reload": manage.reload,
+    "logs": manage.logs,
 }

@@ -21,7 +21,20 @@ MAX_REQUEST_BYTES = 1 << 20  # larger requests get a "too_large" error reply
 TRANSPORT_MAX_BYTES = 64 << 20  # larger ones are dropped by ZeroMQ before we see them
 MAX_ID_LENGTH = 128
 
-OPS = ("hello", "status", "list", "attach", "detach", "ps", "ping", "stop")
+OPS = (
+    "hello",
+    "status",
+    "list",
+    "attach",
+    "detach",
+    "ps",
+    "ping",
+    "stop",
+    "load",
+    "unload",
+    "reload",
+    "logs",
+)
 
 # Stable error codes: clients and scripts may match on these strings.
 ERRORS: dict[str, str] = {
@@ -35,6 +48,10 @@ ERRORS: dict[str, str] = {
     "not_ready": "the component is still loading",
     "failed": "the component failed to load",
     "not_attached": "the caller holds no lease on that component",
+    "in_use": "clients hold leases on what the request would take away",
+    "revoked": "this process's leases were revoked by a forced unload",
+    "config": "the configuration or a checkpoint in it is not usable",
+    "checkpoint": "a checkpoint cannot be loaded as it is",
     "forbidden": "the caller may not do that",
     "internal": "the daemon hit an unexpected error",
 }

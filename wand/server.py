@@ -2,7 +2,7 @@
 
 Every request gets a reply, an error reply if need be; nothing a client sends can stop the
 loop except an authorised ``stop``. The loop also watches client pidfds to end the leases of
-processes that exit.
+processes that exit, and frees retired slabs once no lease holds them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import zmq
 
@@ -20,11 +21,22 @@ from wand.client import Client
 from wand.endpoint import socket_path
 from wand.errors import ProtocolError, WandError
 from wand.leases import LeaseTable
-from wand.spec import CheckpointSpec
-from wand.store import Store
+from wand.logs import RingBuffer
+from wand.store import Checkpoint, Resident, Store
 
 log = logging.getLogger("wand.server")
 POLL_MS = 200
+PRIVILEGED = {"load", "unload", "reload", "stop"}
+
+
+class Control(Protocol):
+    """What the server asks of the daemon for operations beyond the store."""
+
+    def load(self, args: dict[str, Any]) -> list[str]: ...
+
+    def reload(self) -> dict[str, Any]: ...
+
+    def state(self) -> str: ...
 
 
 class Peer:
@@ -38,57 +50,68 @@ class Peer:
 
 
 class Server:
-    def __init__(self, store: Store, endpoint: str) -> None:
+    def __init__(
+        self, store: Store, endpoint: str, control: Control, logs: RingBuffer | None = None
+    ) -> None:
         self.store = store
         self.endpoint = endpoint
+        self.control = control
+        self.logs = logs or RingBuffer()
         self.leases = LeaseTable()
         self.started = time.time()
         self.stopping = False
+        self._inherited = False
         self._names: dict[int, str] = {}  # pid → client name from its hello
+        self._revoked: dict[int, str] = {}  # pid → why its leases were taken away
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.MAXMSGSIZE, protocol.TRANSPORT_MAX_BYTES)
         self._sock.setsockopt(zmq.LINGER, 100)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._ops: dict[str, Callable[[Peer, dict], Any]] = {
-            "hello": self._hello,
-            "status": self._status,
-            "list": self._list,
-            "attach": self._attach,
-            "detach": self._detach,
-            "ps": self._ps,
-            "ping": self._ping,
-            "stop": self._stop,
+            op: getattr(self, f"_{op}") for op in protocol.OPS
         }
 
-    def bind(self) -> None:
+    def bind(self, inherited_fd: int | None = None) -> None:
+        """Listen on the endpoint, or on the socket systemd passed (socket activation)."""
         path = socket_path(self.endpoint)
-        if path is not None:
+        if inherited_fd is not None:
+            self._sock.setsockopt(zmq.USE_FD, inherited_fd)
+            self._inherited = True
+        elif path is not None:
             _claim_socket_path(path, self.endpoint)
         self._sock.bind(self.endpoint)
-        if path is not None:
+        if path is not None and not self._inherited:
             os.chmod(path, 0o660)
-        log.info("listening on %s", self.endpoint)
+        log.info("listening on %s%s", self.endpoint, " (socket activation)" * self._inherited)
 
-    def serve(self, until: Callable[[], bool] = lambda: False) -> None:
-        """Answer requests until ``stop`` is asked for or ``until()`` is true."""
+    def serve(self, tick: Callable[[], None] = lambda: None) -> None:
+        """Answer requests until stopped; ``tick`` runs at least every 200 ms."""
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         watched: set[int] = set()
-        while not self.stopping and not until():
+        while not self.stopping:
             watched = self._watch_pidfds(poller, watched)
             for sock, _ in poller.poll(POLL_MS):
                 if sock is self._sock:
                     self._serve_one()
                 else:
                     self._client_exited(sock)
+            self.collect()
+            tick()
+
+    def collect(self) -> None:
+        """Free retired residents that no lease holds any more."""
+        for resident in self.store.retired():
+            if not self.leases.holders(resident.id):
+                self.store.free(resident)
 
     def close(self) -> None:
         self.leases.close()
         self._sock.close()
         self._ctx.term()
         path = socket_path(self.endpoint)
-        if path is not None:
+        if path is not None and not self._inherited:  # systemd owns an inherited socket
             path.unlink(missing_ok=True)
 
     def _watch_pidfds(self, poller: zmq.Poller, watched: set[int]) -> set[int]:
@@ -102,13 +125,10 @@ class Server:
     def _client_exited(self, pidfd: int) -> None:
         proc = self.leases.reap(pidfd)
         if proc:
-            log.info(
-                "client %d (%s) exited; released %s",
-                proc.pid,
-                proc.name or "?",
-                ", ".join(proc.leases) or "nothing",
-            )
+            held = ", ".join(lease.component for lease in proc.leases.values()) or "nothing"
+            log.info("client %d (%s) exited; released %s", proc.pid, proc.name or "?", held)
             self._names.pop(proc.pid, None)
+            self._revoked.pop(proc.pid, None)
 
     def _serve_one(self) -> None:
         frames = self._sock.recv_multipart(copy=False)
@@ -126,10 +146,9 @@ class Server:
             req = protocol.parse_request(body[0].bytes)
         except ProtocolError as e:
             return protocol.error(protocol.request_id_of(e), e.code, str(e))
-        if not isinstance(req.args, dict):
-            return protocol.error(req.id, "bad_message", "'args' must be a map")
         peer = Peer(body[0], req.args)
         try:
+            self._admit(peer, req.op)
             return protocol.ok(req.id, self._ops[req.op](peer, req.args))
         except WandError as e:
             code = e.code if e.code in protocol.ERRORS else "internal"
@@ -137,6 +156,15 @@ class Server:
         except Exception as e:  # a bug must not take the daemon down
             log.exception("internal error in %s", req.op)
             return protocol.error(req.id, "internal", f"{type(e).__name__}: {e}")
+
+    def _admit(self, peer: Peer, op: str) -> None:
+        if peer.pid in self._revoked:
+            raise WandError(self._revoked.pop(peer.pid), "revoked")
+        if op in PRIVILEGED and peer.uid not in (0, os.geteuid()):
+            raise WandError(
+                f"{op} is allowed only to root and the daemon's user (uid {os.geteuid()})",
+                "forbidden",
+            )
 
     # --- operations -------------------------------------------------------------------
 
@@ -153,57 +181,70 @@ class Server:
             "protocol": protocol.VERSION,
             "version": __version__,
             "pid": os.getpid(),
-            "components": list(self.store.components),
+            "components": list(self.store.addresses),
         }
 
     def _status(self, peer: Peer, args: dict) -> dict:
-        comps = []
-        for comp in self.store.components.values():
-            summary = comp.summary()
-            summary["clients"] = len(self.leases.holders(comp.addr))
-            comps.append(summary)
-        states = {c["state"] for c in comps}
+        with self.store.lock:
+            comps = [self._component(addr, r) for addr, r in self.store.addresses.items()]
+            retired = [
+                {**r.summary(), "clients": len(self.leases.holders(r.id))}
+                for r in self.store.retired()
+            ]
+            checkpoints = [_checkpoint_info(c) for c in self.store.checkpoints.values()]
         return {
             "daemon": {
                 "pid": os.getpid(),
+                "uid": os.geteuid(),
                 "version": __version__,
                 "protocol": protocol.VERSION,
                 "endpoint": self.endpoint,
                 "uptime": time.time() - self.started,
-                "state": "ready" if states <= {"ready"} else "loading",
+                "state": self.control.state(),
                 "clients": len(self.leases.processes()),
             },
-            "checkpoints": [_checkpoint_info(n, s) for n, s in self.store.checkpoints.items()],
+            "checkpoints": checkpoints,
             "components": comps,
+            "retired": retired,
+        }
+
+    def _component(self, addr: str, resident: Resident) -> dict[str, Any]:
+        shared = [a for a, r in self.store.addresses.items() if r is resident and a != addr]
+        return {
+            **resident.summary(),
+            "name": addr,
+            "checkpoint": addr.split("/", 1)[0],
+            "shared_with": shared,
+            "clients": len(self.leases.holders(resident.id)),
         }
 
     def _list(self, peer: Peer, args: dict) -> dict:
         keys = ("name", "component", "class", "device", "dtype", "bytes", "tensors", "state")
-        return {
-            "components": [
-                {k: c.summary()[k] for k in keys} for c in self.store.components.values()
-            ]
-        }
+        with self.store.lock:
+            comps = [self._component(a, r) for a, r in self.store.addresses.items()]
+        return {"components": [{k: c[k] for k in keys} for c in comps]}
 
     def _attach(self, peer: Peer, args: dict) -> dict:
-        comp = self.store.resolve(args.get("name"))
-        if comp.state == "failed":
-            raise WandError(f"{comp.addr} failed to load: {comp.error}", "failed")
-        if comp.state != "ready":
+        addr, resident = self.store.resolve(args.get("name"))
+        if resident.state == "failed":
+            raise WandError(f"{addr} failed to load: {resident.error}", "failed")
+        if resident.state != "ready":
             raise WandError(
-                f"{comp.addr} is {comp.state} ({comp.done_bytes / max(comp.nbytes, 1):.0%})",
+                f"{addr} is {resident.state} ({resident.done_bytes / max(resident.nbytes, 1):.0%})",
                 "not_ready",
             )
         if peer.pid is None:
             raise WandError("attach needs the client's pid", "bad_args")
-        self.leases.acquire(peer.pid, peer.uid, self._names.get(peer.pid, peer.name), comp.addr)
-        return {"name": comp.addr, "handle": comp.slab.handle(), "manifest": comp.manifest}
+        name = self._names.get(peer.pid, peer.name)
+        self.leases.acquire(peer.pid, peer.uid, name, addr, resident.id)
+        man = {**resident.manifest, "name": addr, "checkpoint": addr.split("/", 1)[0]}
+        return {"name": addr, "handle": resident.slab.handle(), "manifest": man}
 
     def _detach(self, peer: Peer, args: dict) -> dict:
-        comp = self.store.resolve(args.get("name"))
-        if peer.pid is None or not self.leases.release(peer.pid, comp.addr):
-            raise WandError(f"this process holds no lease on {comp.addr}", "not_attached")
-        return {"name": comp.addr}
+        addr, resident = self.store.resolve(args.get("name"))
+        if peer.pid is None or not self.leases.release(peer.pid, addr, resident.id):
+            raise WandError(f"this process holds no lease on {addr}", "not_attached")
+        return {"name": addr}
 
     def _ps(self, peer: Peer, args: dict) -> dict:
         return {
@@ -213,7 +254,12 @@ class Server:
                     "uid": p.uid,
                     "name": p.name,
                     "leases": [
-                        {"component": lease.component, "count": lease.count, "since": lease.since}
+                        {
+                            "component": lease.component,
+                            "resident": lease.resident,
+                            "count": lease.count,
+                            "since": lease.since,
+                        }
                         for lease in p.leases.values()
                     ],
                 }
@@ -225,21 +271,55 @@ class Server:
         return {"pong": True, "time": time.time()}
 
     def _stop(self, peer: Peer, args: dict) -> dict:
-        if peer.uid not in (0, os.geteuid()):
-            raise WandError("only root or the daemon's own user may stop it", "forbidden")
         log.info("stop requested by pid %s", peer.pid)
         self.stopping = True
         return {"stopping": True}
 
+    def _load(self, peer: Peer, args: dict) -> dict:
+        return {"components": self.control.load(args)}
 
-def _checkpoint_info(name: str, spec: CheckpointSpec) -> dict[str, Any]:
+    def _reload(self, peer: Peer, args: dict) -> dict:
+        return self.control.reload()
+
+    def _unload(self, peer: Peer, args: dict) -> dict:
+        name = args.get("name")
+        if not isinstance(name, str) or name not in self.store.checkpoints:
+            loaded = ", ".join(self.store.checkpoints) or "none"
+            raise WandError(f"no checkpoint {name!r}; loaded: {loaded}", "unknown_component")
+        ckpt = self.store.checkpoints[name]
+        residents = {r.id for a, r in self.store.addresses.items() if a.startswith(name + "/")}
+        holders = {p.pid: p for rid in residents for p in self.leases.holders(rid)}
+        if holders and not args.get("force"):
+            who = ", ".join(f"pid {p.pid} ({p.name or '?'})" for p in holders.values())
+            raise WandError(f"{name} is in use by {who}; unload --force revokes", "in_use")
+        dropped = {r.id for r in self.store.remove(name)}
+        for proc in self.leases.revoke(dropped):
+            self._revoked[proc.pid] = (
+                f"checkpoint {name} was unloaded with --force; its tensors are no longer "
+                "backed by the daemon"
+            )
+            log.warning("revoked leases of pid %d (%s) on %s", proc.pid, proc.name, name)
+        log.info("unloaded %s (%s)", name, ckpt.spec.path)
+        self.collect()
+        return {"name": name, "revoked": sorted(holders)}
+
+    def _logs(self, peer: Peer, args: dict) -> dict:
+        since, limit = args.get("since", 0), args.get("limit", 200)
+        if not isinstance(since, int) or not isinstance(limit, int) or limit < 1:
+            raise WandError("logs takes integer 'since' and positive 'limit'", "bad_args")
+        return {"records": self.logs.since(since, min(limit, 2000))}
+
+
+def _checkpoint_info(ckpt: Checkpoint) -> dict[str, Any]:
     """What a client needs to assemble a pipeline around the components."""
+    spec = ckpt.spec
     return {
-        "name": name,
+        "name": ckpt.name,
         "path": str(spec.path),
         "task": spec.task,
         "layout": spec.layout,
-        "components": {c: f"{name}/{c}" for c in spec.components},
+        "origin": ckpt.origin,
+        "components": {c: f"{ckpt.name}/{c}" for c in spec.components},
         "tokenizer": str(spec.tokenizer) if spec.tokenizer else None,
         "extras": spec.extras,
     }
@@ -257,7 +337,7 @@ def _credentials(frame: zmq.Frame) -> tuple[int, int | None]:
     return -1, None
 
 
-def _claim_socket_path(path, endpoint: str) -> None:
+def _claim_socket_path(path: Path, endpoint: str) -> None:
     """Refuse to take over a live daemon's socket; remove one a dead daemon left behind."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)

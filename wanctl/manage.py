@@ -1,0 +1,110 @@
+"""wanctl commands that change what the daemon holds (load, unload, reload) and read its log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from wand.client import Client
+from wand.config import parse_assignments
+from wand.errors import WandError
+from wand.logs import render
+
+FOLLOW_EVERY = 0.5
+
+
+def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    load = sub.add_parser(
+        "load", parents=[common], help="load a checkpoint into the running daemon"
+    )
+    load.add_argument("path", type=Path, help="checkpoint folder (either layout)")
+    load.add_argument("--name", help="checkpoint name (default: the task)")
+    load.add_argument("--task", choices=["t2v-A14B", "i2v-A14B", "ti2v-5B"])
+    load.add_argument("--device", action="append", default=[], metavar="[COMPONENT=]DEVICE")
+    load.add_argument("--dtype", action="append", default=[], metavar="[COMPONENT=]DTYPE")
+    load.add_argument("--no-wait", action="store_true", help="return once loading has started")
+    unload = sub.add_parser("unload", parents=[common], help="unload a checkpoint")
+    unload.add_argument("name", help="checkpoint name (see wanctl status)")
+    unload.add_argument("--force", action="store_true", help="revoke the leases of clients")
+    sub.add_parser(
+        "reload", parents=[common], help="re-read the configuration and checkpoints, load changes"
+    )
+    logs = sub.add_parser("logs", parents=[common], help="show the daemon's log")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+
+
+def load(args: argparse.Namespace) -> int:
+    request = {"path": str(args.path.resolve())}
+    request.update({k: v for k, v in (("name", args.name), ("task", args.task)) if v})
+    for key in ("device", "dtype"):
+        if getattr(args, key):
+            request[key] = parse_assignments(getattr(args, key))
+    with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
+        names = c.request("load", **request)["components"]
+        states = _wait(c, names) if not args.no_wait else {n: "queued" for n in names}
+    if args.json:
+        print(json.dumps(states, indent=2))
+    else:
+        print("\n".join(f"{n}: {s}" for n, s in states.items()))
+    return 0 if all(s in ("ready", "queued") for s in states.values()) else 1
+
+
+def unload(args: argparse.Namespace) -> int:
+    with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
+        reply = c.request("unload", name=args.name, force=args.force)
+    revoked = f" (revoked leases of pids {', '.join(map(str, reply['revoked']))})"
+    print(
+        json.dumps(reply)
+        if args.json
+        else f"unloaded {reply['name']}" + revoked * bool(reply["revoked"])
+    )
+    return 0
+
+
+def reload(args: argparse.Namespace) -> int:
+    with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
+        report = c.request("reload")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        lines = [f"{k}: {', '.join(v)}" for k, v in report.items() if v]
+        print("\n".join(lines) or "no change")
+    return 1 if report["errors"] else 0
+
+
+def logs(args: argparse.Namespace) -> int:
+    with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
+        records = c.request("logs", since=0, limit=max(args.lines, 1))["records"]
+        _print(records, args.json)
+        while args.follow:
+            time.sleep(FOLLOW_EVERY)
+            since = records[-1]["seq"] if records else 0
+            new = c.request("logs", since=since, limit=2000)["records"]
+            _print(new, args.json)
+            records = new or records
+    return 0
+
+
+def _print(records: list[dict[str, Any]], as_json: bool) -> None:
+    for r in records:
+        print(json.dumps(r) if as_json else render(r))
+    sys.stdout.flush()
+
+
+def _wait(c: Client, names: list[str]) -> dict[str, str]:
+    """Poll until every component is ready or failed (loading a real checkpoint takes
+    minutes: this waits as long as it takes, printing nothing)."""
+    while True:
+        comps = {x["name"]: x for x in c.status()["components"] if x["name"] in names}
+        states = {n: comps[n]["state"] if n in comps else "unloaded" for n in names}
+        if all(s not in ("queued", "loading") for s in states.values()):
+            failed = [f"{n}: {comps[n]['error']}" for n in names if states[n] == "failed"]
+            if failed:
+                raise WandError("; ".join(failed), "failed")
+            return states
+        time.sleep(0.1)

@@ -1,0 +1,182 @@
+"""The daemon's configuration: one TOML file, overridden by command-line flags.
+
+```toml
+endpoint = "ipc:///run/wand/wand.sock"      # optional
+[[checkpoint]]
+name = "t2v"                                # optional, default: the task
+path = "/srv/Wan2.2-T2V-A14B"
+task = "t2v-A14B"                           # optional, detected from the folder
+device = "cpu"                              # or { "*" = "cuda:0", text_encoder = "cpu" }
+dtype = "bfloat16"                          # or { "*" = "bfloat16", vae = "float32" }
+```
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wand.errors import WandError
+
+SYSTEM_CONFIG = Path("/etc/wand/wand.toml")
+TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
+CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype"}
+
+
+class ConfigError(WandError):
+    code = "config"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    path: Path
+    name: str | None = None
+    task: str | None = None
+    device: dict[str, str] = field(default_factory=lambda: {"*": "cpu"})
+    dtype: dict[str, str] = field(default_factory=dict)
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {k: _dtype(v) for k, v in self.dtype.items()}
+
+
+@dataclass(frozen=True)
+class Config:
+    checkpoints: tuple[CheckpointConfig, ...] = ()
+    endpoint: str | None = None
+    source: Path | None = None  # the file it was read from
+
+
+def default_path() -> Path:
+    if os.geteuid() == 0:
+        return SYSTEM_CONFIG
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "wand" / "wand.toml"
+
+
+def load(path: Path | None) -> Config:
+    """Read ``path`` (required to exist), or the default file if there is one."""
+    if path is None:
+        path = default_path()
+        if not path.is_file():
+            return Config()
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return parse(data, Path(path))
+
+
+def parse(data: dict[str, Any], source: Path | None = None) -> Config:
+    where = str(source or "configuration")
+    unknown = set(data) - {"endpoint", "checkpoint"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
+    endpoint = data.get("endpoint")
+    if endpoint is not None and not isinstance(endpoint, str):
+        raise ConfigError(f"{where}: endpoint must be a string")
+    entries = data.get("checkpoint", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: use [[checkpoint]] tables for checkpoints")
+    checkpoints = tuple(
+        checkpoint(e, f"{where}: checkpoint {i + 1}") for i, e in enumerate(entries)
+    )
+    _unique_names(checkpoints, where)
+    return Config(checkpoints, endpoint, source)
+
+
+def checkpoint(entry: dict[str, Any], where: str) -> CheckpointConfig:
+    """One checkpoint from a config table or from the equivalent protocol arguments."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = set(entry) - CHECKPOINT_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    path = entry.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}: 'path' (the checkpoint folder) is required")
+    name, task = entry.get("name"), entry.get("task")
+    if name is not None and (not isinstance(name, str) or not name or "/" in name):
+        raise ConfigError(f"{where}: name must be a non-empty string without '/'")
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"{where}: task must be one of {', '.join(TASKS)}")
+    device = _per_component(entry.get("device", "cpu"), where, "device")
+    for value in device.values():
+        _check_device(value, where)
+    dtype = _per_component(entry.get("dtype", {}), where, "dtype")
+    for value in dtype.values():
+        _dtype(value, where)
+    return CheckpointConfig(Path(path), name, task, device, dtype)
+
+
+def with_overrides(config: Config, **flags: Any) -> Config:
+    """Command-line flags win: ``checkpoint`` replaces the file's checkpoints, ``device`` and
+    ``dtype`` apply to every checkpoint, ``endpoint`` replaces the endpoint."""
+    checkpoints = config.checkpoints
+    if flags.get("checkpoint"):
+        checkpoints = (
+            checkpoint(
+                {
+                    "path": str(flags["checkpoint"]),
+                    "name": flags.get("name"),
+                    "task": flags.get("task"),
+                },
+                "--checkpoint",
+            ),
+        )
+    changes: dict[str, Any] = {}
+    if flags.get("device"):
+        changes["device"] = _per_component(flags["device"], "--device", "device")
+        for value in changes["device"].values():
+            _check_device(value, "--device")
+    if flags.get("dtype"):
+        changes["dtype"] = _per_component(flags["dtype"], "--dtype", "dtype")
+        for value in changes["dtype"].values():
+            _dtype(value, "--dtype")
+    checkpoints = tuple(replace(c, **changes) for c in checkpoints)
+    _unique_names(checkpoints, "command line")
+    return replace(
+        config, checkpoints=checkpoints, endpoint=flags.get("endpoint") or config.endpoint
+    )
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """``["cuda:0", "text_encoder=cpu"]`` → ``{"*": "cuda:0", "text_encoder": "cpu"}``."""
+    out = {}
+    for item in items:
+        target, _, value = item.rpartition("=")
+        out[target or "*"] = value
+    return out
+
+
+def _per_component(value: Any, where: str, what: str) -> dict[str, str]:
+    if isinstance(value, str):
+        return {"*": value}
+    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+        return dict(value)
+    raise ConfigError(f"{where}: {what} must be a string or a table of strings")
+
+
+def _check_device(value: str, where: str) -> None:
+    if value != "cpu":
+        raise ConfigError(f"{where}: device {value!r}: only 'cpu' is supported in this version")
+
+
+def _dtype(name: str, where: str = "dtype") -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"{where}: {name!r} is not a floating-point dtype")
+    return dtype
+
+
+def _unique_names(checkpoints: tuple[CheckpointConfig, ...], where: str) -> None:
+    names = [c.name for c in checkpoints if c.name]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"{where}: two checkpoints are named {sorted(dup)[0]!r}")
