@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--width", type=int, default=512, help="width of the generated checkpoint (default 512)"
     )
     bench.add_argument("--repeat", type=int, default=5, help="fresh client processes per figure")
+    bench.add_argument(
+        "--generate",
+        action="store_true",
+        help="also time process start to first denoising step: wanctl generate against "
+        "from_pretrained, on a tiny and a real-tensor-count checkpoint",
+    )
     generate.add_parser(sub, common)
     tiny = sub.add_parser(
         "make-tiny",
@@ -166,7 +172,9 @@ def _verify(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from wand import bench
 
-    result = bench.run(args.checkpoint, repeat=args.repeat, width=args.width)
+    result = bench.run(
+        args.checkpoint, repeat=args.repeat, width=args.width, generate=args.generate
+    )
     print(json.dumps(result, indent=2) if args.json else bench.render(result))
     return EXIT_OK
 

@@ -25,6 +25,8 @@ MODULE_CLASSES = (
 )
 BENCH_WIDTH = 512  # with the real tensor counts: 1.3 GB of files, 0.75 GB resident
 READ_CHUNK = 16 << 20
+# the generation both sides of the generate benchmark start
+GENERATION = {"prompt": "a cat walks on the beach", "size": (32, 32), "frames": 5, "steps": 2}
 
 
 def run(
@@ -33,6 +35,7 @@ def run(
     layers: int = 40,
     width: int = BENCH_WIDTH,
     workdir: Path | None = None,
+    generate: bool = False,
 ) -> dict[str, Any]:
     from wand.wan import read_checkpoint, write_tiny
 
@@ -68,7 +71,60 @@ def run(
         daemon.wait(30)
     if baseline_dir is not None:
         result["from_pretrained"] = _fresh(["from_pretrained", str(baseline_dir)])
+    if generate:
+        result["generate"] = {p: generate_times(work, p, repeat, width) for p in ("tiny", "bench")}
     return result
+
+
+def generate_times(work: Path, preset: str, repeat: int, width: int) -> dict[str, Any]:
+    """Seconds from process start to the first denoising step of one t2v-A14B generation:
+    ``wanctl generate`` with the components resident in a daemon, against a fresh process
+    that loads the whole pipeline with ``from_pretrained`` (medians of ``repeat`` runs).
+    ``width`` applies to the "bench" preset (the real tensor counts)."""
+    from wand.wan import read_checkpoint, write_tiny
+
+    size = {"width": width} if preset == "bench" else {}
+    original, diffusers = (
+        write_tiny(work / f"generate-{preset}-{layout}", "t2v-A14B", layout, preset=preset, **size)
+        for layout in ("original", "diffusers")
+    )
+    os.sync()
+    endpoint = f"ipc://{work}/generate.sock"
+    daemon = _start_daemon(original, endpoint, work / f"generate-{preset}.log")
+    out = work / "generate.mp4"
+    wanctl = ["-m", "wanctl", "--endpoint", endpoint, "generate", "--json", "--out", str(out)]
+    try:
+        _wait_loaded(daemon, endpoint)
+        wand = [_to_first_step([*wanctl, *_generation_options()]) for _ in range(repeat)]
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    baseline = [
+        _to_first_step(["-m", "wand.bench", "first_step", str(diffusers)]) for _ in range(repeat)
+    ]
+    spec = read_checkpoint(original)
+    return {
+        "tensors": sum(len(c.tensors) for c in spec.components.values()),
+        "resident_bytes": sum(c.nbytes for c in spec.components.values()),
+        "wand_seconds": statistics.median(wand),
+        "from_pretrained_seconds": statistics.median(baseline),
+        "runs": repeat,
+    }
+
+
+def _to_first_step(args: list[str]) -> float:
+    """Run ``python *args``; seconds from its launch to the first denoising step it reports."""
+    start = time.time()
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["first_step_at"] - start
+
+
+def _generation_options() -> list[str]:
+    g = GENERATION
+    return [
+        *("--prompt", g["prompt"], "--size", "{}*{}".format(*g["size"]), "--base-seed", "0"),
+        *("--frame-num", str(g["frames"]), "--sample-steps", str(g["steps"])),
+    ]
 
 
 def raw_read(files: list[Path]) -> dict[str, float]:
@@ -184,6 +240,51 @@ def _measure_from_pretrained(folder: str) -> float:
     return time.perf_counter() - start
 
 
+class _FirstStep(Exception):
+    pass
+
+
+def _measure_first_step(folder: str) -> dict[str, float]:
+    """Load the whole pipeline from ``folder`` and start :data:`GENERATION`; stop at the
+    first denoising step."""
+    import torch
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from wand.wan.sampling import NEGATIVE_PROMPT, SAMPLING
+
+    s = SAMPLING["t2v-A14B"]
+    pipe = WanPipeline.from_pretrained(
+        folder,
+        dtype={"default": torch.bfloat16, "vae": torch.float32},
+        scheduler=UniPCMultistepScheduler.from_pretrained(
+            folder, subfolder="scheduler", flow_shift=s.shift
+        ),
+    )
+    reached: list[float] = []
+
+    def first_step(*_: Any) -> None:
+        reached.append(time.time())
+        raise _FirstStep
+
+    pipe.transformer.register_forward_pre_hook(first_step)
+    g = GENERATION
+    try:
+        pipe(
+            prompt=g["prompt"],
+            negative_prompt=NEGATIVE_PROMPT,
+            width=g["size"][0],
+            height=g["size"][1],
+            num_frames=g["frames"],
+            num_inference_steps=g["steps"],
+            guidance_scale=s.guidance[0],
+            guidance_scale_2=s.guidance[1],
+            generator=torch.Generator().manual_seed(0),
+        )
+    except _FirstStep:
+        pass
+    return {"first_step_at": reached[0]}
+
+
 def render(r: dict[str, Any]) -> str:
     gb = r["disk_bytes"] / 1e9
     d = r["daemon"]
@@ -209,11 +310,24 @@ def render(r: dict[str, Any]) -> str:
             f"from_pretrained x4       {fp:8.3f} s   (fresh process, after imports; "
             f"{fp / mods:.1f}x the attach of 4 modules)"
         )
+    lines += [render_generate(p, g) for p, g in r.get("generate", {}).items()]
     return "\n".join(lines)
+
+
+def render_generate(preset: str, g: dict[str, Any]) -> str:
+    w, f = g["wand_seconds"], g["from_pretrained_seconds"]
+    return (
+        f"to 1st denoising step    {w:8.3f} s  wanctl generate vs {f:.3f} s from_pretrained "
+        f"({f / w:.1f}x; {preset} checkpoint: {g['tensors']} tensors, "
+        f"{g['resident_bytes'] / 1e6:.1f} MB; from process start, median of {g['runs']})"
+    )
 
 
 def _main(argv: list[str]) -> None:
     what, arg = argv
+    if what == "first_step":
+        print(json.dumps(_measure_first_step(arg)))
+        return
     measure = {
         "state_dicts": _measure_state_dicts,
         "modules": _measure_modules,

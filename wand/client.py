@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass
 from itertools import count
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import zmq
@@ -17,6 +17,9 @@ from wand import modules, protocol
 from wand.endpoint import describe, resolve, socket_path
 from wand.errors import ConnectError, DaemonError, ProtocolError
 from wand.slab import map_readonly
+
+if TYPE_CHECKING:
+    from wand.pipeline import VideoPipeline
 
 DEFAULT_TIMEOUT = 10.0
 _mapped: dict[str, torch.Tensor] = {}  # slab path → this process's read-only mapping
@@ -108,6 +111,13 @@ class Client:
     def module(self, name: str) -> torch.nn.Module:
         """The component's diffusers/transformers module, every weight bound to the slab."""
         return self.attachment(name).module()
+
+    def pipeline(self, checkpoint: str | None = None, **overrides: Any) -> VideoPipeline:
+        """The diffusers pipeline of a loaded checkpoint (``checkpoint`` names it when several
+        are), every module bound to the daemon's memory; see :mod:`wand.pipeline`."""
+        from wand.pipeline import build
+
+        return build(self, checkpoint, **overrides)
 
     def detach(self, name: str) -> None:
         """End this process's lease; tensors already obtained must no longer be used."""

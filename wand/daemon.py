@@ -155,6 +155,9 @@ class Daemon:
         self.server.bind(fd)
         for ckpt in checkpoints:
             self.store.add(ckpt)
+        self.notify.status(self._progress())
+        self.notify.extend_timeout(EXTEND_BY)
+        self._last_status = self._last_extend = time.monotonic()
         threading.Thread(target=self._loader, name="loader", daemon=True).start()
         self._signals()
         try:
@@ -273,8 +276,8 @@ class Daemon:
             residents = list(self.store.residents.values())
         total = sum(r.nbytes for r in residents)
         done = sum(r.done_bytes if r.state != "ready" else r.nbytes for r in residents)
-        loading = [r.spec.name for r in residents if r.state == "loading"]
-        return f"loading {', '.join(loading) or '...'}: {done / 1e9:.1f} of {total / 1e9:.1f} GB"
+        now = "".join(f", now {r.spec.name}" for r in residents if r.state == "loading")
+        return f"loading {len(residents)} components: {done / 1e9:.2f} of {total / 1e9:.2f} GB{now}"
 
     def _summary(self) -> str:
         with self.store.lock:

@@ -151,6 +151,8 @@ class Server:
             self._admit(peer, req.op)
             return protocol.ok(req.id, self._ops[req.op](peer, req.args))
         except WandError as e:
+            if req.op in PRIVILEGED:
+                log.warning("%s from pid %s failed: %s", req.op, peer.pid, e)
             code = e.code if e.code in protocol.ERRORS else "internal"
             return protocol.error(req.id, code, str(e))
         except Exception as e:  # a bug must not take the daemon down
