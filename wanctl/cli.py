@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, help="transformer layers (40 = the real tensor count)")
     tiny.add_argument("--width", type=int, help="transformer width (attention heads x 128 scale)")
     tiny.add_argument("--seed", type=int, default=0)
-    units.add_parser(sub, [common])
+    units.add_parser(sub, common)
     manage.add_parsers(sub, common)
     return p
 
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     except WandError as e:
         print(f"wanctl: {e.code}: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
 
 
 def _daemon(op: str, render: Callable[[Any], str]) -> Callable[[argparse.Namespace], int]:

@@ -196,10 +196,10 @@ def next_steps(user: bool, wand: Path) -> list[str]:
     ]
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "install-units",
-        parents=parents,
+        parents=[common],
         help="install the systemd units, pointing them at this wand",
         description="Write wand's systemd units (system: /etc/systemd/system, "
         "/etc/sysusers.d/wand.conf, /etc/wand/wand.toml.example; --user: "

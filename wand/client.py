@@ -35,7 +35,7 @@ class Client:
     def __init__(
         self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, name: str | None = None
     ) -> None:
-        self.endpoint = resolve(endpoint)
+        self.endpoint = resolve(endpoint, client=True)
         self.timeout = timeout
         path = socket_path(self.endpoint)
         if path is not None and not path.exists():

@@ -9,26 +9,33 @@ ENV = "WAND_ENDPOINT"
 SYSTEM_SOCKET = "/run/wand/wand.sock"
 
 
-def default_endpoint() -> str:
-    """The endpoint the daemon, ``wanctl`` and the client library agree on."""
+def default_endpoint(client: bool = False) -> str:
+    """The endpoint the daemon, ``wanctl`` and the client library agree on.
+
+    A client of a non-root user whose own runtime socket does not exist falls back to the
+    system daemon's socket, so members of group ``wand`` need no configuration.
+    """
     explicit = os.environ.get(ENV)
     if explicit:
         return explicit
     if os.geteuid() == 0:
         return f"ipc://{SYSTEM_SOCKET}"
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/wand-{os.geteuid()}"
-    return f"ipc://{runtime}/wand/wand.sock"
+    user = Path(runtime) / "wand" / "wand.sock"
+    if client and not user.exists() and Path(SYSTEM_SOCKET).exists():
+        return f"ipc://{SYSTEM_SOCKET}"
+    return f"ipc://{user}"
 
 
-def resolve(endpoint: str | None) -> str:
-    return endpoint or default_endpoint()
+def resolve(endpoint: str | None, client: bool = False) -> str:
+    return endpoint or default_endpoint(client)
 
 
 def describe(endpoint: str) -> str:
     """Where an endpoint came from, for "no daemon" messages."""
     if os.environ.get(ENV) == endpoint:
         return f"{endpoint} (from {ENV})"
-    if endpoint == default_endpoint():
+    if endpoint in (default_endpoint(), default_endpoint(client=True)):
         return f"{endpoint} (the default; set {ENV} or --endpoint to look elsewhere)"
     return endpoint
 
