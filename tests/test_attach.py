@@ -190,3 +190,28 @@ def test_modules_are_bound_to_the_slab(daemon):
             assert not any(p.requires_grad for p in params.values())
             assert not any(t.is_meta for t in module.state_dict().values())
         assert torch.is_tensor(next(iter(sd.values())))
+
+
+DIES_MID_REQUEST = """
+import os, sys, zmq
+from wand import protocol
+ctx = zmq.Context()
+s = ctx.socket(zmq.DEALER)
+s.connect(sys.argv[1])
+for i in range(300):
+    s.send(protocol.request(i, "attach", {"name": "vae"}))
+s.close(linger=5000)  # flush the requests...
+ctx.term()
+os._exit(0)  # ...and be gone before most replies: no crash, no lease left behind
+"""
+
+
+def test_client_dying_mid_request_loses_nothing(daemon):
+    for _ in range(3):
+        assert run_client(DIES_MID_REQUEST, daemon.endpoint).returncode == 0
+    time.sleep(0.5)
+    assert not _holders(daemon)
+    with daemon.connect() as c:
+        assert len(c.attach("vae")) > 0
+        c.detach("vae")
+    assert "Traceback" not in daemon.output()

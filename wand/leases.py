@@ -12,6 +12,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from wand.errors import WandError
+
 
 @dataclass
 class Lease:
@@ -91,7 +93,11 @@ class LeaseTable:
             self._forget(pid)
 
     def _track(self, pid: int, uid: int, name: str) -> ClientProcess:
-        proc = ClientProcess(pid, uid, name, os.pidfd_open(pid))
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # it died between sending the request and now
+            raise WandError(f"client process {pid} has exited", "bad_args") from None
+        proc = ClientProcess(pid, uid, name, pidfd)
         self._procs[pid] = proc
         return proc
 
