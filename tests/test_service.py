@@ -304,6 +304,7 @@ def test_reload_swaps_changed_checkpoint_after_clients_let_go(tiny, start_daemon
         status = json.loads(d.wanctl("status", "--json").stdout)
         assert [r["component"] for r in status["retired"]] == ["high_noise_model"]
         assert status["retired"][0]["clients"] == 1
+        assert "retired high_noise_model" in d.wanctl("status").stdout
         assert holder.ask("sum") == holder.first  # the old bytes, still served
         fresh = holder.ask("attach")
         assert fresh != holder.first  # a new attach maps the reloaded weights

@@ -58,7 +58,25 @@ def status(reply: dict[str, Any]) -> str:
     headers = ["COMPONENT", "DEVICE", "DTYPE", "SIZE", "TENSORS", "STATE", "CLIENTS"]
     lines += ["", table(headers, rows)]
     lines += [f"{c['name']}: {c['error']}" for c in reply["components"] if c.get("error")]
+    lines += [
+        f"retired {r['component']} (resident {r['resident']}, {size(r['bytes'])}): "
+        f"freed when its {r['clients']} client(s) let go"
+        for r in reply.get("retired", [])
+    ]
+    lines += [gpu(g) for g in reply.get("gpus", [])]
     return "\n".join(lines)
+
+
+def gpu(g: dict[str, Any]) -> str:
+    free = (
+        f"{size(g['free_bytes'])} free of {size(g['total_bytes'])}"
+        if g.get("total_bytes")
+        else "free memory unknown"
+    )
+    return (
+        f"{g['device']} {g['uuid']} {g['name']}: wand holds {size(g['held_bytes'])} "
+        f"in {len(g['residents'])} slabs; {free}"
+    )
 
 
 def components(items: list[dict[str, Any]]) -> str:
