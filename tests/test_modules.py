@@ -30,19 +30,20 @@ def reference(folder, component: str) -> torch.nn.Module:
     )
 
 
-def forward(module: torch.nn.Module, component: str) -> torch.Tensor:
+def forward(module: torch.nn.Module, component: str, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     cfg = module.config
     with torch.no_grad():
         if component == "text_encoder":
-            ids = torch.randint(2, cfg.vocab_size, (1, 12), generator=g)
+            ids = torch.randint(2, cfg.vocab_size, (1, 12), generator=g).to(device)
             return module(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         if component == "vae":
-            z = torch.randn(1, cfg.z_dim, 2, 4, 4, generator=g)
+            z = torch.randn(1, cfg.z_dim, 2, 4, 4, generator=g).to(device)
             return module.decode(z).sample
-        x = torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g).to(torch.bfloat16)
-        text = torch.randn(1, 8, cfg.text_dim, generator=g).to(torch.bfloat16)
-        return module(x, timestep=torch.tensor([500]), encoder_hidden_states=text).sample
+        x = torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g).to(device, torch.bfloat16)
+        text = torch.randn(1, 8, cfg.text_dim, generator=g).to(device, torch.bfloat16)
+        t = torch.tensor([500], device=device)
+        return module(x, timestep=t, encoder_hidden_states=text).sample
 
 
 @pytest.mark.parametrize(("task", "layout"), LAYOUT_CASES)

@@ -141,7 +141,7 @@ def raw_read(files: list[Path]) -> dict[str, float]:
     return {"seconds": seconds, "bytes": total, "gbps": total / seconds / 1e9}
 
 
-def _start_daemon(checkpoint: Path, endpoint: str, log: Path) -> subprocess.Popen:
+def _start_daemon(checkpoint: Path, endpoint: str, log: Path, *flags: str) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
             [
@@ -154,6 +154,7 @@ def _start_daemon(checkpoint: Path, endpoint: str, log: Path) -> subprocess.Pope
                 endpoint,
                 "--log-level",
                 "WARNING",
+                *flags,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -184,15 +185,18 @@ def _wait_loaded(daemon: subprocess.Popen, endpoint: str) -> dict[str, float]:
             }
 
 
-def _fresh_client_times(endpoint: str, what: str, repeat: int) -> dict[str, float]:
-    times = [_fresh([what, endpoint])["seconds"] for _ in range(repeat)]
+def _fresh_client_times(
+    endpoint: str, what: str, repeat: int, module: str = "wand.bench"
+) -> dict[str, float]:
+    times = [_fresh([what, endpoint], module)["seconds"] for _ in range(repeat)]
     return {"median_seconds": statistics.median(times), "min_seconds": min(times), "runs": repeat}
 
 
-def _fresh(args: list[str]) -> dict[str, Any]:
-    """Run one measurement in a new Python process and return what it printed."""
+def _fresh(args: list[str], module: str = "wand.bench") -> dict[str, Any]:
+    """Run one measurement in a new Python process (``python -m module *args``) and return
+    what it printed."""
     out = subprocess.run(
-        [sys.executable, "-m", "wand.bench", *args], capture_output=True, text=True, check=True
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -212,10 +216,8 @@ def _measure_state_dicts(endpoint: str) -> float:
 
 def _measure_modules(endpoint: str) -> float:
     import wand
-    from wand.modules import resolve_class
 
-    for cls in MODULE_CLASSES:  # importing the libraries is a fixed cost of any client
-        resolve_class(cls)
+    _import_classes()
     start = time.perf_counter()
     with wand.connect(endpoint) as c:
         mods = [c.module(name) for name in COMPONENTS]
@@ -223,21 +225,37 @@ def _measure_modules(endpoint: str) -> float:
     return time.perf_counter() - start
 
 
+def _import_classes() -> None:
+    """Importing diffusers/transformers is a fixed cost of any client: not timed."""
+    from wand.modules import resolve_class
+
+    for cls in MODULE_CLASSES:
+        resolve_class(cls)
+
+
 def _measure_from_pretrained(folder: str) -> float:
+    _import_classes()
+    start = time.perf_counter()
+    from_pretrained(folder)
+    return time.perf_counter() - start
+
+
+def from_pretrained(folder: str) -> list[Any]:
+    """The four models of a -Diffusers folder, loaded the usual way (imports done first)."""
     import torch
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
-    start = time.perf_counter()
-    WanTransformer3DModel.from_pretrained(
-        folder, subfolder="transformer", torch_dtype=torch.bfloat16
-    )
-    WanTransformer3DModel.from_pretrained(
-        folder, subfolder="transformer_2", torch_dtype=torch.bfloat16
-    )
-    UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.bfloat16)
-    AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
-    return time.perf_counter() - start
+    return [
+        WanTransformer3DModel.from_pretrained(
+            folder, subfolder="transformer", torch_dtype=torch.bfloat16
+        ),
+        WanTransformer3DModel.from_pretrained(
+            folder, subfolder="transformer_2", torch_dtype=torch.bfloat16
+        ),
+        UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.bfloat16),
+        AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32),
+    ]
 
 
 class _FirstStep(Exception):

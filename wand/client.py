@@ -97,11 +97,7 @@ class Client:
         """Lease ``name`` and map its slab: the manifest, the mapping and the views."""
         reply = self._attach_request(name)
         handle, man = reply["handle"], reply["manifest"]
-        if handle.get("kind") != "shm":
-            raise ProtocolError(f"unsupported handle kind {handle.get('kind')!r}")
-        flat = _mapped.get(handle["path"])
-        if flat is None:
-            flat = _mapped[handle["path"]] = map_readonly(handle)
+        flat = _map(handle)
         return Attachment(man["name"], man, flat, manifests.views(flat, man))
 
     def attach(self, name: str) -> dict[str, torch.Tensor]:
@@ -144,20 +140,37 @@ class Client:
                 time.sleep(0.05)
 
 
+def _map(handle: dict[str, Any]) -> torch.Tensor:
+    """The slab behind ``handle``, mapped once per process: shared memory read-only, or a
+    GPU allocation through CUDA IPC (closed once no tensor over it is left)."""
+    kind = handle.get("kind")
+    if kind == "cuda_ipc":
+        from wand.gpuslab import map_ipc
+
+        return map_ipc(handle)
+    if kind != "shm":
+        raise ProtocolError(f"unsupported handle kind {kind!r}")
+    flat = _mapped.get(handle["path"])
+    if flat is None:
+        flat = _mapped[handle["path"]] = map_readonly(handle)
+    return flat
+
+
 @dataclass
 class Attachment:
     """One leased component in this process."""
 
     name: str
     manifest: dict[str, Any]
-    flat: torch.Tensor  # the whole slab, read-only
+    flat: torch.Tensor  # the whole slab (read-only on CPU; on its GPU for cuda_ipc)
     tensors: dict[str, torch.Tensor]
 
     def module(self) -> torch.nn.Module:
         return modules.build(self.manifest["cls"], self.manifest["config"], self.tensors)
 
     def verify(self) -> bool:
-        """Do the mapped bytes still hash to the checksum the daemon computed at load?"""
+        """Do the mapped bytes still match the checksum the daemon computed at load?
+        (blake2b for CPU slabs, the on-device sum64 digest for GPU slabs)"""
         return manifests.verify(self.flat, self.manifest)
 
 

@@ -6,7 +6,8 @@ endpoint = "ipc:///run/wand/wand.sock"      # optional
 name = "t2v"                                # optional, default: the task
 path = "/srv/Wan2.2-T2V-A14B"
 task = "t2v-A14B"                           # optional, detected from the folder
-device = "cpu"                              # or { "*" = "cuda:0", text_encoder = "cpu" }
+device = "cpu"                              # "cuda", "cuda:N", or per component:
+                                            # { "*" = "cuda:0", text_encoder = "cpu" }
 dtype = "bfloat16"                          # or { "*" = "bfloat16", vae = "float32" }
 ```
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from wand import placement
 from wand.errors import WandError
 
 SYSTEM_CONFIG = Path("/etc/wand/wand.toml")
@@ -164,8 +166,11 @@ def _per_component(value: Any, where: str, what: str) -> dict[str, str]:
 
 
 def _check_device(value: str, where: str) -> None:
-    if value != "cpu":
-        raise ConfigError(f"{where}: device {value!r}: only 'cpu' is supported in this version")
+    """The form only; whether the GPU exists is checked where it is used (the daemon)."""
+    try:
+        placement.parse(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _dtype(name: str, where: str = "dtype") -> torch.dtype:

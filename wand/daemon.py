@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wand import __version__, config, logs, slab, systemd
+from wand import __version__, config, logs, placement, slab, systemd, traps
 from wand.endpoint import resolve
-from wand.errors import CheckpointError, WandError
+from wand.errors import CheckpointError, DeviceError, WandError
 from wand.server import Server
 from wand.store import Checkpoint, Resident, Store
 
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="[COMPONENT=]DEVICE",
-        help="placement, for all components or one (repeatable); this version: cpu",
+        help="placement, for all components or one (repeatable): cpu, cuda or cuda:N",
     )
     p.add_argument(
         "--dtype",
@@ -98,8 +98,24 @@ def read(entry: config.CheckpointConfig) -> Checkpoint:
     """The checkpoint an entry names, read and checked (raises CheckpointError)."""
     from wand.wan import read_checkpoint  # heavy imports only once arguments are fine
 
+    check_devices(entry.device)
     spec = read_checkpoint(entry.path, task=entry.task, dtypes=entry.dtypes())
     return Checkpoint(entry.name or spec.task, spec, entry, "config")
+
+
+def check_devices(devices: dict[str, str]) -> None:
+    """Every placement names a GPU this process sees, on a platform that can share it."""
+    try:
+        gpus = [d for d in map(placement.resolve, devices.values()) if d.uuid is not None]
+    except DeviceError as e:
+        raise config.ConfigError(str(e)) from None
+    if not gpus:
+        return
+    found = traps.check([d.uuid for d in gpus])
+    if "error" in found:
+        raise config.ConfigError(found["error"])
+    if "warning" in found:
+        log.warning("%s", found["warning"])
 
 
 def explain(cfg: config.Config) -> str:

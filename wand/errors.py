@@ -40,6 +40,12 @@ class ConnectError(WandError):
     code = "unreachable"
 
 
+class DeviceError(WandError):
+    """A placement this process cannot use: no such GPU, or a platform without CUDA IPC."""
+
+    code = "device"
+
+
 class BindError(WandError):
     """A module skeleton could not be bound to the attached tensors."""
 

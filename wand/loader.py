@@ -13,7 +13,7 @@ import torch
 from wand.errors import CheckpointError
 from wand.manifest import DTYPES, tensor_digest
 from wand.spec import ComponentSpec, TensorSpec
-from wand.tensorfile import TensorFile
+from wand.tensorfile import TensorFile, TensorInfo
 
 Progress = Callable[[int], None]  # called with the bytes just written
 
@@ -32,7 +32,7 @@ def fill(
     copy itself, which also casts to the resident dtype. Copies run on a thread pool (torch
     and hashlib release the GIL), one thread per core.
     """
-    files = _open_files(spec)
+    files = open_files(spec)
     lock = threading.Lock()
 
     def copy(item: tuple[TensorSpec, list]) -> bytes:
@@ -49,15 +49,21 @@ def fill(
         return list(pool.map(copy, zip(spec.tensors, rows, strict=True)))
 
 
-def _open_files(spec: ComponentSpec) -> dict:
+def open_files(spec: ComponentSpec) -> dict:
     return {path: TensorFile(path) for path in {t.file for t in spec.tensors}}
 
 
-def _source(f: TensorFile, t: TensorSpec) -> torch.Tensor:
+def source_info(f: TensorFile, t: TensorSpec) -> TensorInfo:
+    """What ``t`` is on disk, checked to have the element count it needs resident."""
     info = f.info(t.key)
     if math.prod(info.shape) != math.prod(t.shape):
         raise CheckpointError(
             f"{f.path}: tensor {t.key!r} has shape {list(info.shape)}, "
             f"expected {math.prod(t.shape)} elements for {t.name} {list(t.shape)}"
         )
+    return info
+
+
+def _source(f: TensorFile, t: TensorSpec) -> torch.Tensor:
+    source_info(f, t)
     return f.tensor(t.key)

@@ -51,6 +51,11 @@ def bind(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.
     left = [n for n, t in _all_tensors(module) if t.is_meta]
     if left:
         raise BindError(f"{type(module).__name__}: left unbound: {_some(left)}")
+    device = next(iter(tensors.values())).device if tensors else None
+    if device is not None and device.type != "cpu":
+        # the skeleton's non-persistent buffers (rotary tables) follow the bound tensors,
+        # which are on that device already: .to() leaves them where they are
+        module.to(device)
     return module.eval().requires_grad_(False)
 
 

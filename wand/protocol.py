@@ -52,6 +52,7 @@ ERRORS: dict[str, str] = {
     "revoked": "this process's leases were revoked by a forced unload",
     "config": "the configuration or a checkpoint in it is not usable",
     "checkpoint": "a checkpoint cannot be loaded as it is",
+    "device": "the device asked for is not usable here",
     "forbidden": "the caller may not do that",
     "internal": "the daemon hit an unexpected error",
 }

@@ -194,6 +194,7 @@ class Server:
                 for r in self.store.retired()
             ]
             checkpoints = [_checkpoint_info(c) for c in self.store.checkpoints.values()]
+            gpus = _gpus(self.store)
         return {
             "daemon": {
                 "pid": os.getpid(),
@@ -208,6 +209,7 @@ class Server:
             "checkpoints": checkpoints,
             "components": comps,
             "retired": retired,
+            "gpus": gpus,
         }
 
     def _component(self, addr: str, resident: Resident) -> dict[str, Any]:
@@ -325,6 +327,41 @@ def _checkpoint_info(ckpt: Checkpoint) -> dict[str, Any]:
         "tokenizer": str(spec.tokenizer) if spec.tokenizer else None,
         "extras": spec.extras,
     }
+
+
+def _gpus(store: Store) -> list[dict[str, Any]]:
+    """Per GPU with residents: identity, the bytes each resident's slab holds there, and the
+    device's free/total memory as the driver reports it (all processes included)."""
+    gpus: dict[str, dict[str, Any]] = {}
+    for r in store.residents.values():
+        d = r.device
+        if d.uuid is None:
+            continue
+        g = gpus.setdefault(d.uuid, {"uuid": d.uuid, "index": d.index, "device": d.name})
+        g.setdefault("name", d.model)
+        names = [a for a, held in store.addresses.items() if held is r]
+        g.setdefault("residents", []).append(
+            {
+                "resident": r.id,
+                "component": r.spec.name,
+                "names": names,
+                "bytes": r.slab.nbytes if r.slab else 0,
+                "state": r.state,
+            }
+        )
+    for g in gpus.values():
+        g["held_bytes"] = sum(x["bytes"] for x in g["residents"])
+        g["free_bytes"], g["total_bytes"] = _memory(g["index"])
+    return list(gpus.values())
+
+
+def _memory(index: int) -> tuple[int | None, int | None]:
+    import torch
+
+    try:
+        return torch.cuda.mem_get_info(index)
+    except RuntimeError:
+        return None, None
 
 
 def _credentials(frame: zmq.Frame) -> tuple[int, int | None]:

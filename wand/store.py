@@ -19,9 +19,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from wand import identity, loader, manifest
+import torch
+
+from wand import identity, loader, manifest, placement, staging
 from wand.config import CheckpointConfig
 from wand.errors import WandError
+from wand.gpuslab import CudaSlab
+from wand.placement import Device
 from wand.slab import ShmSlab
 from wand.spec import CheckpointSpec, ComponentSpec
 
@@ -34,7 +38,7 @@ class Resident:
     """One component's tensors in one slab."""
 
     spec: ComponentSpec
-    device: str
+    device: Device
     key: tuple  # identity.shape_key
     stamp: tuple  # identity.stamp: the file versions it was loaded from
     id: int = field(default_factory=lambda: next(_ids))
@@ -42,7 +46,7 @@ class Resident:
     error: str | None = None
     done_bytes: int = 0
     load_seconds: float | None = None
-    slab: ShmSlab | None = None
+    slab: ShmSlab | CudaSlab | None = None
     manifest: dict[str, Any] | None = None
     pending: list[str] = field(default_factory=list)  # addresses to take over once ready
 
@@ -58,7 +62,8 @@ class Resident:
             "resident": self.id,
             "component": self.spec.name,
             "class": self.spec.cls,
-            "device": self.device,
+            "device": self.device.name,
+            "uuid": self.device.uuid,
             "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
             "dtypes": dict(dtypes),
             "bytes": self.nbytes,
@@ -113,7 +118,7 @@ class Store:
             for comp in ckpt.spec.components.values():
                 addr = f"{ckpt.name}/{comp.name}"
                 current = self.addresses.get(addr)
-                key = identity.shape_key(comp, _device(ckpt.config, comp.name))
+                key = identity.shape_key(comp, _device(ckpt.config, comp.name).name)
                 if current and current.key == key and current.stamp == identity.stamp(comp):
                     continue
                 resident = self._queue(comp, ckpt)
@@ -190,17 +195,12 @@ class Store:
         resident.state = "loading"
         start = time.perf_counter()
         rows, nbytes = manifest.layout(resident.spec)
-        label = f"{resident.id}-{resident.spec.name}"
-        slab = resident.slab = ShmSlab(label, nbytes)  # registered now so a stop frees it
         try:
-            digests = loader.fill(slab.flat, resident.spec, rows, lambda n: _progress(resident, n))
+            checksum = self._fill(resident, rows, nbytes)
         except Exception as e:
             self._failed(resident, e)
             raise
-        slab.seal()
-        resident.manifest = manifest.manifest(
-            resident.spec, rows, nbytes, checksum=manifest.checksum(digests)
-        )
+        resident.manifest = manifest.manifest(resident.spec, rows, nbytes, checksum=checksum)
         resident.load_seconds = time.perf_counter() - start
         with self.lock:
             resident.state = "ready"
@@ -216,6 +216,23 @@ class Store:
             nbytes / 1e6,
             resident.load_seconds,
         )
+
+    def _fill(self, resident: Resident, rows: list[list], nbytes: int) -> str:
+        """Make the slab (registered at once, so a stop frees it), fill and seal it; return
+        the checksum. GPU slabs are filled through pinned staging and digested on the GPU."""
+        label = f"{resident.id}-{resident.spec.name}"
+        spec, progress = resident.spec, lambda n: _progress(resident, n)
+        if resident.device.uuid is None:
+            slab = resident.slab = ShmSlab(label, nbytes)
+            digests = loader.fill(slab.flat, spec, rows, progress)
+            slab.seal()
+            return manifest.checksum(digests)
+        gpu = resident.slab = CudaSlab(label, nbytes, resident.device)
+        staging.fill(gpu.flat, spec, rows, progress)
+        gpu.seal()  # every byte is on the device before anyone can attach
+        digests = manifest.digests(gpu.flat, {"tensors": rows, "aliases": {}}, "sum64")
+        torch.cuda.empty_cache()  # staging scratch and digest temporaries go back
+        return manifest.checksum(digests, "sum64")
 
     def _failed(self, resident: Resident, error: Exception) -> None:
         with self.lock:
@@ -262,7 +279,8 @@ class Store:
 
     def _queue(self, comp: ComponentSpec, ckpt: Checkpoint) -> Resident:
         device = _device(ckpt.config, comp.name)
-        resident = Resident(comp, device, identity.shape_key(comp, device), identity.stamp(comp))
+        key = identity.shape_key(comp, device.name)
+        resident = Resident(comp, device, key, identity.stamp(comp))
         self.residents[resident.id] = resident
         self.queue.put(resident)
         return resident
@@ -271,8 +289,8 @@ class Store:
         return ", ".join(self.checkpoints) or "none"
 
 
-def _device(config: CheckpointConfig, component: str) -> str:
-    return config.device.get(component, config.device.get("*", "cpu"))
+def _device(config: CheckpointConfig, component: str) -> Device:
+    return placement.resolve(config.device.get(component, config.device.get("*", "cpu")))
 
 
 def _progress(resident: Resident, n: int) -> None:

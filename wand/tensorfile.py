@@ -54,6 +54,7 @@ class TensorFile:
             raise CheckpointError(f"{self.path}: file not found")
         self._infos: dict[str, TensorInfo] = {}
         self._tensors: dict[str, torch.Tensor] = {}
+        self._offsets: dict[str, int] = {}  # safetensors: where each tensor's bytes start
         if self.path.name.endswith(".safetensors"):
             self._open_safetensors()
         else:
@@ -72,6 +73,12 @@ class TensorFile:
         """The tensor's bytes as they lie in the file (CPU, page-cache backed, do not write)."""
         self.info(key)
         return self._tensors[key]
+
+    def offset(self, key: str) -> int | None:
+        """Byte offset of the tensor's bytes in the file (safetensors), None for .pth files,
+        whose tensors lie inside a zip archive."""
+        self.info(key)
+        return self._offsets.get(key)
 
     def _open_safetensors(self) -> None:
         size = self.path.stat().st_size
@@ -99,6 +106,7 @@ class TensorFile:
                 )
             raw = flat[base + start : base + end]
             self._infos[key] = info
+            self._offsets[key] = base + start
             self._tensors[key] = _view(raw, info)
 
     def _parse_entry(self, key: str, entry: dict) -> tuple[TensorInfo, int, int]:
