@@ -197,7 +197,9 @@ class Daemon:
         ckpt = read(entry)
         ckpt.origin = "runtime"
         self.store.add(ckpt)
-        log.info("loading %s from %s", ckpt.name, ckpt.spec.path)
+        log.info(
+            "loading %s from %s", ckpt.name, ckpt.spec.path, extra={"WAND_CHECKPOINT": ckpt.name}
+        )
         return [f"{ckpt.name}/{c}" for c in ckpt.spec.components]
 
     def reload(self) -> dict[str, Any]:

@@ -126,7 +126,13 @@ class Server:
         proc = self.leases.reap(pidfd)
         if proc:
             held = ", ".join(lease.component for lease in proc.leases.values()) or "nothing"
-            log.info("client %d (%s) exited; released %s", proc.pid, proc.name or "?", held)
+            log.info(
+                "client %d (%s) exited; released %s",
+                proc.pid,
+                proc.name or "?",
+                held,
+                extra={"WAND_CLIENT_PID": proc.pid},
+            )
             self._names.pop(proc.pid, None)
             self._revoked.pop(proc.pid, None)
 
@@ -152,7 +158,13 @@ class Server:
             return protocol.ok(req.id, self._ops[req.op](peer, req.args))
         except WandError as e:
             if req.op in PRIVILEGED:
-                log.warning("%s from pid %s failed: %s", req.op, peer.pid, e)
+                log.warning(
+                    "%s from pid %s failed: %s",
+                    req.op,
+                    peer.pid,
+                    e,
+                    extra={"WAND_CLIENT_PID": peer.pid, "WAND_OP": req.op},
+                )
             code = e.code if e.code in protocol.ERRORS else "internal"
             return protocol.error(req.id, code, str(e))
         except Exception as e:  # a bug must not take the daemon down
@@ -302,8 +314,14 @@ class Server:
                 f"checkpoint {name} was unloaded with --force; its tensors are no longer "
                 "backed by the daemon"
             )
-            log.warning("revoked leases of pid %d (%s) on %s", proc.pid, proc.name, name)
-        log.info("unloaded %s (%s)", name, ckpt.spec.path)
+            log.warning(
+                "revoked leases of pid %d (%s) on %s",
+                proc.pid,
+                proc.name,
+                name,
+                extra={"WAND_CLIENT_PID": proc.pid, "WAND_CHECKPOINT": name},
+            )
+        log.info("unloaded %s (%s)", name, ckpt.spec.path, extra={"WAND_CHECKPOINT": name})
         self.collect()
         return {"name": name, "revoked": sorted(holders)}
 

@@ -152,7 +152,9 @@ class Store:
             if resident.slab:
                 resident.slab.free()
                 resident.slab = None
-            log.info("freed %s (resident %d)", resident.spec.name, resident.id)
+            log.info(
+                "freed %s (resident %d)", resident.spec.name, resident.id, extra=fields(resident)
+            )
 
     def free_all(self) -> None:
         for resident in list(self.residents.values()):
@@ -215,6 +217,7 @@ class Store:
             len(rows),
             nbytes / 1e6,
             resident.load_seconds,
+            extra=fields(resident),
         )
 
     def _fill(self, resident: Resident, rows: list[list], nbytes: int) -> str:
@@ -275,7 +278,12 @@ class Store:
                 twin.pending.extend(resident.pending)
             resident.pending.clear()
             self.residents.pop(resident.id, None)
-        log.info("%s: same bytes as resident %d, sharing it", resident.spec.name, twin.id)
+        log.info(
+            "%s: same bytes as resident %d, sharing it",
+            resident.spec.name,
+            twin.id,
+            extra=fields(twin),
+        )
 
     def _queue(self, comp: ComponentSpec, ckpt: Checkpoint) -> Resident:
         device = _device(ckpt.config, comp.name)
@@ -295,3 +303,12 @@ def _device(config: CheckpointConfig, component: str) -> Device:
 
 def _progress(resident: Resident, n: int) -> None:
     resident.done_bytes += n
+
+
+def fields(resident: Resident) -> dict[str, Any]:
+    """Structured journal fields (journald keeps them; other handlers ignore them)."""
+    return {
+        "WAND_COMPONENT": resident.spec.name,
+        "WAND_RESIDENT": resident.id,
+        "WAND_DEVICE": resident.device.name,
+    }
