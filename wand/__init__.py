@@ -7,22 +7,25 @@
 
 __version__ = "0.1.0"
 
-from wand.client import Client, connect  # noqa: E402
+from wand.client import Attachment, Client, connect  # noqa: E402
 from wand.errors import (  # noqa: E402
     BindError,
     CheckpointError,
     ConnectError,
     DaemonError,
+    DeviceError,
     ProtocolError,
     WandError,
 )
 
 __all__ = [
+    "Attachment",
     "BindError",
     "CheckpointError",
     "Client",
     "ConnectError",
     "DaemonError",
+    "DeviceError",
     "ProtocolError",
     "WandError",
     "__version__",
