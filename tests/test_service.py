@@ -79,7 +79,7 @@ def test_notify_start_watchdog_reload_stop(tiny, start_daemon, notify):
     assert start[-1].startswith("READY=1\nSTATUS=ready: 4 components, ")
 
     notify.messages.clear()
-    assert notify.gather(1.0).count("WATCHDOG=1") >= 3  # every 0.2 s, from the serving loop
+    assert notify.gather(1.5).count("WATCHDOG=1") >= 3  # every 0.2 s, from the serving loop
 
     notify.messages.clear()
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000

@@ -33,7 +33,7 @@ def test_status_json_has_the_fields(daemon):
     assert set(comps) == COMPONENTS
     for c in comps.values():
         assert c["device"] == "cpu" and c["bytes"] > 0 and c["tensors"] > 0
-        assert c["state"] == "ready" and c["checksum"].startswith("blake2b")
+        assert c["state"] == "ready" and c["checksum"].startswith("crc32:")
         assert isinstance(c["clients"], int)
     assert comps["vae"]["dtype"] == "float32"
     assert comps["high_noise_model"]["dtype"] == "bfloat16"
@@ -178,3 +178,30 @@ def test_verify_checks_every_component_and_finds_corruption(tiny, start_daemon):
     out = d.wanctl("verify", "vae")
     assert out.returncode == 1
     assert "MISMATCH" in out.stdout
+
+
+def test_make_tiny_writes_the_preset_asked_for(tmp_path):
+    from wand.wan import read_checkpoint
+
+    out = run_wanctl(
+        "make-tiny",
+        str(tmp_path / "b"),
+        "--preset",
+        "bench",
+        "--width",
+        "16",
+        "--task",
+        "t2v-A14B",
+        "--layout",
+        "diffusers",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    spec = read_checkpoint(json.loads(out.stdout)["path"])
+    assert spec.layout == "diffusers"
+    assert len(spec.components["high_noise_model"].tensors) == 1095  # 40 real-size layers
+    assert (
+        spec.components["high_noise_model"].config["num_attention_heads"]
+        * spec.components["high_noise_model"].config["attention_head_dim"]
+        == 16
+    )

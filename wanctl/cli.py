@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny: a few MB; bench: the real A14B tensor counts at reduced width",
     )
     tiny.add_argument("--layers", type=int, help="transformer layers (40 = the real tensor count)")
-    tiny.add_argument("--width", type=int, help="transformer width (attention heads x 128 scale)")
+    tiny.add_argument("--width", type=int, help="transformer width and T5 d_model (multiple of 8)")
     tiny.add_argument("--seed", type=int, default=0)
     units.add_parser(sub, common)
     manage.add_parsers(sub, common)
@@ -185,7 +185,13 @@ def _make_tiny(args: argparse.Namespace) -> int:
     from wand.wan import write_tiny
 
     path = write_tiny(
-        args.dest, args.task, args.layout, layers=args.layers, width=args.width, seed=args.seed
+        args.dest,
+        args.task,
+        args.layout,
+        preset=args.preset,
+        layers=args.layers,
+        width=args.width,
+        seed=args.seed,
     )
     print(
         json.dumps({"path": str(path)})
