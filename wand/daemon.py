@@ -265,8 +265,7 @@ class Daemon:
     def _tick(self) -> None:
         """Runs on the serving thread at least every 200 ms."""
         now = time.monotonic()
-        if self.fatal is not None:
-            self.notify.failed(f"load failed: {self.fatal}", errno.EIO)
+        if self.fatal is not None:  # main() reports it to systemd once the server is down
             self.server.stopping = True
             return
         self.notify.watchdog()
