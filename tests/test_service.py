@@ -397,3 +397,10 @@ def test_logs_shows_and_follows_the_daemon_log(daemon):
     finally:
         follow.kill()
         follow.wait()
+
+
+def test_the_config_knows_the_same_tasks_as_the_checkpoint_reader():
+    from wand import config
+    from wand.wan import TASKS
+
+    assert config.TASKS == tuple(TASKS)  # config keeps a copy: it must not import wand.wan

@@ -15,6 +15,7 @@ from typing import Any
 
 from wanctl import generate, manage, units
 from wand import __version__
+from wand.config import TASKS
 from wand.errors import ConnectError, WandError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and random weights, for tests, demos and benchmarks.",
     )
     tiny.add_argument("dest", help="folder to create")
-    tiny.add_argument("--task", default="t2v-A14B", choices=["t2v-A14B", "i2v-A14B", "ti2v-5B"])
+    tiny.add_argument("--task", default="t2v-A14B", choices=TASKS)
     tiny.add_argument("--layout", default="original", choices=["original", "diffusers"])
     tiny.add_argument(
         "--preset",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from wand.client import Client
-from wand.config import parse_assignments
+from wand.config import TASKS, parse_assignments
 from wand.errors import WandError
 from wand.logs import render
 
@@ -23,7 +23,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     )
     load.add_argument("path", type=Path, help="checkpoint folder (either layout)")
     load.add_argument("--name", help="checkpoint name (default: the task)")
-    load.add_argument("--task", choices=["t2v-A14B", "i2v-A14B", "ti2v-5B"])
+    load.add_argument("--task", choices=TASKS)
     load.add_argument("--device", action="append", default=[], metavar="[COMPONENT=]DEVICE")
     load.add_argument("--dtype", action="append", default=[], metavar="[COMPONENT=]DTYPE")
     load.add_argument("--no-wait", action="store_true", help="return once loading has started")

@@ -45,6 +45,10 @@ class CheckpointConfig:
     def dtypes(self) -> dict[str, torch.dtype]:
         return {k: _dtype(v) for k, v in self.dtype.items()}
 
+    def device_for(self, component: str) -> str:
+        """Where ``component`` lives: its own entry, else ``"*"``, else the CPU."""
+        return self.device.get(component, self.device.get("*", "cpu"))
+
 
 @dataclass(frozen=True)
 class Config:
@@ -108,12 +112,8 @@ def checkpoint(entry: dict[str, Any], where: str) -> CheckpointConfig:
         raise ConfigError(f"{where}: name must be a non-empty string without '/'")
     if task is not None and task not in TASKS:
         raise ConfigError(f"{where}: task must be one of {', '.join(TASKS)}")
-    device = _per_component(entry.get("device", "cpu"), where, "device")
-    for value in device.values():
-        _check_device(value, where)
-    dtype = _per_component(entry.get("dtype", {}), where, "dtype")
-    for value in dtype.values():
-        _dtype(value, where)
+    device = _placements(entry.get("device", "cpu"), where)
+    dtype = _dtype_names(entry.get("dtype", {}), where)
     return CheckpointConfig(Path(path), name, task, device, dtype)
 
 
@@ -134,13 +134,9 @@ def with_overrides(config: Config, **flags: Any) -> Config:
         )
     changes: dict[str, Any] = {}
     if flags.get("device"):
-        changes["device"] = _per_component(flags["device"], "--device", "device")
-        for value in changes["device"].values():
-            _check_device(value, "--device")
+        changes["device"] = _placements(flags["device"], "--device")
     if flags.get("dtype"):
-        changes["dtype"] = _per_component(flags["dtype"], "--dtype", "dtype")
-        for value in changes["dtype"].values():
-            _dtype(value, "--dtype")
+        changes["dtype"] = _dtype_names(flags["dtype"], "--dtype")
     checkpoints = tuple(replace(c, **changes) for c in checkpoints)
     _unique_names(checkpoints, "command line")
     return replace(
@@ -155,6 +151,20 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
         target, _, value = item.rpartition("=")
         out[target or "*"] = value
     return out
+
+
+def _placements(value: Any, where: str) -> dict[str, str]:
+    devices = _per_component(value, where, "device")
+    for name in devices.values():
+        _check_device(name, where)
+    return devices
+
+
+def _dtype_names(value: Any, where: str) -> dict[str, str]:
+    dtypes = _per_component(value, where, "dtype")
+    for name in dtypes.values():
+        _dtype(name, where)
+    return dtypes
 
 
 def _per_component(value: Any, where: str, what: str) -> dict[str, str]:

@@ -131,7 +131,7 @@ def explain(cfg: config.Config) -> str:
         spec = ckpt.spec
         lines.append(f"checkpoint {ckpt.name}: {spec.task}, {spec.layout} layout, {spec.path}")
         for comp in spec.components.values():
-            device = entry.device.get(comp.name, entry.device.get("*", "cpu"))
+            device = entry.device_for(comp.name)
             dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in comp.tensors})
             lines.append(
                 f"  {comp.name}: {comp.cls.split(':')[1]}, {len(comp.tensors)} tensors, "

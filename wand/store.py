@@ -298,7 +298,7 @@ class Store:
 
 
 def _device(config: CheckpointConfig, component: str) -> Device:
-    return placement.resolve(config.device.get(component, config.device.get("*", "cpu")))
+    return placement.resolve(config.device_for(component))
 
 
 def _progress(resident: Resident, n: int) -> None:
