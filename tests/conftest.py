@@ -104,6 +104,19 @@ class Daemon:
         return self.proc.returncode
 
 
+def daemon_slabs(pid: int) -> list[str]:
+    """The slabs process ``pid`` holds: its memfd descriptors, by their ``wand:`` names."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/memfd:wand:"):
+            found.append(target.removeprefix("/memfd:wand:").removesuffix(" (deleted)"))
+    return sorted(found)
+
+
 def run_wanctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "wanctl", *args],

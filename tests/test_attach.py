@@ -14,8 +14,6 @@ import pytest
 import torch
 
 import wand
-from wand import manifest
-from wand.slab import map_readonly
 
 COMPONENTS = ("text_encoder", "vae", "high_noise_model", "low_noise_model")
 
@@ -41,9 +39,7 @@ def test_attached_tensors_are_views_of_one_slab(daemon):
 def test_attached_bytes_match_the_daemon_checksum(daemon):
     with daemon.connect() as c:
         for name in COMPONENTS:
-            reply = c.request("attach", name=name)
-            flat = map_readonly(reply["handle"])
-            assert manifest.verify(flat, reply["manifest"])
+            assert c.attachment(name).verify()
             c.detach(name)
 
 
@@ -55,11 +51,12 @@ def mem():
 with wand.connect(sys.argv[1]) as c:
     names = sys.argv[2:]
     before = mem()
-    total = 0
+    total, held = 0, []
     for name in names:
-        man = c.request("attach", name=name)["manifest"]
-        total += man["nbytes"]
-        for t in c.attach(name).values():
+        att = c.attachment(name)
+        total += att.manifest["nbytes"]
+        held.append(att)  # the mapping lives as long as tensors over it do
+        for t in att.tensors.values():
             t.view(torch.uint8).max()  # touch every byte
     after = mem()
 print(json.dumps({"total": total, "before": before, "after": after}))
@@ -92,8 +89,7 @@ def test_a_client_cannot_write_into_a_slab(daemon):
     assert "attached" in out.stdout and "wrote" not in out.stdout
     assert out.returncode in (-signal.SIGSEGV, -signal.SIGBUS)
     with daemon.connect() as c:
-        reply = c.request("attach", name="vae")
-        assert manifest.verify(map_readonly(reply["handle"]), reply["manifest"])
+        assert c.attachment("vae").verify()
         c.detach("vae")
 
 

@@ -7,6 +7,9 @@ import pytest
 import zmq
 
 from wand import protocol
+from wand.process import own_start
+
+START = own_start()
 
 
 @pytest.fixture
@@ -70,8 +73,14 @@ def test_multipart_gets_bad_message(daemon, raw):
         ({"v": 1, "id": 7, "op": "ping", "args": [1]}, "bad_message"),
         ({"v": 1, "id": 7, "op": "attach", "args": {"name": 12}}, "bad_args"),
         ({"v": 1, "id": 7, "op": "attach", "args": {}}, "bad_args"),
-        ({"v": 1, "id": 7, "op": "attach", "args": {"name": "nope"}}, "unknown_component"),
-        ({"v": 1, "id": 7, "op": "detach", "args": {"name": "vae"}}, "not_attached"),
+        (
+            {"v": 1, "id": 7, "op": "attach", "args": {"name": "nope", "start": START}},
+            "unknown_component",
+        ),
+        (
+            {"v": 1, "id": 7, "op": "detach", "args": {"name": "vae", "start": START}},
+            "not_attached",
+        ),
         ({"v": 1, "id": 7, "op": "hello", "args": {"versions": [9]}}, "unsupported_version"),
     ],
 )

@@ -7,7 +7,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,50 +15,16 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import ROOT, Daemon, run_wanctl
+from conftest import ROOT, Daemon, daemon_slabs, run_wanctl
 
 import wand
 from wand import protocol
-
-
-class NotifyHarness:
-    """Plays systemd's side of sd_notify: a datagram socket that records every message."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="notify-"))
-        self.path = str(self.dir / "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.1)
-        self.messages: list[str] = []
-
-    def collect(self, until, timeout: float = 60.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                pass
-            if until(self.messages):
-                return self.messages
-        raise AssertionError(f"notify messages so far: {self.messages}")
-
-    def gather(self, seconds: float) -> list[str]:
-        """Record whatever arrives in the next ``seconds``."""
-        end = time.monotonic() + seconds
-        return self.collect(lambda _: time.monotonic() >= end, timeout=seconds + 1)
-
-    def without_watchdog(self) -> list[str]:
-        return [m for m in self.messages if m != "WATCHDOG=1"]
-
-    def close(self) -> None:
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+from wand.notifyhost import NotifyHost
 
 
 @pytest.fixture
 def notify():
-    h = NotifyHarness()
+    h = NotifyHost()
     yield h
     h.close()
 
@@ -181,8 +146,7 @@ def test_config_file_with_two_checkpoints_shares_identical_components(tiny, star
             comps["i2v/high_noise_model"]["resident"]
             != comps["t2v-A14B/high_noise_model"]["resident"]
         )
-        slabs = list(Path("/dev/shm").glob(f"wand-{os.geteuid()}-{d.proc.pid}-*"))
-        assert len(slabs) == 6  # 8 components, 2 of them shared
+        assert len(daemon_slabs(d.proc.pid)) == 6  # 8 components, 2 of them shared
         with d.connect() as c:
             with pytest.raises(wand.DaemonError) as e:
                 c.attach("vae")
@@ -314,7 +278,7 @@ def test_reload_swaps_changed_checkpoint_after_clients_let_go(tiny, start_daemon
         while json.loads(d.wanctl("status", "--json").stdout)["retired"]:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert len(list(Path("/dev/shm").glob(f"wand-{os.geteuid()}-{d.proc.pid}-*"))) == 4
+        assert len(daemon_slabs(d.proc.pid)) == 4
     finally:
         holder.close()
 

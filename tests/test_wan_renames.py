@@ -39,7 +39,7 @@ def _file_state(component) -> dict[str, torch.Tensor]:
     state = {}
     for path in {t.file for t in component.tensors}:
         f = TensorFile(path)
-        state.update({k: f.tensor(k) for k in f.keys()})
+        state.update({k: f.read(k) for k in f.keys()})
     return state
 
 

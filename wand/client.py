@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
+import errno
+import grp
 import os
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from itertools import count
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import zmq
 
+from wand import fdsocket, modules, protocol, slabs
 from wand import manifest as manifests
-from wand import modules, protocol
 from wand.endpoint import describe, resolve, socket_path
-from wand.errors import ConnectError, DaemonError, ProtocolError
-from wand.slab import map_readonly
+from wand.errors import ConnectError, DaemonError
+from wand.process import own_start
 
 if TYPE_CHECKING:
     from wand.pipeline import VideoPipeline
 
 DEFAULT_TIMEOUT = 10.0
-_mapped: dict[str, torch.Tensor] = {}  # slab path → this process's read-only mapping
+MAX_NAME = 64
+_mapping = threading.Lock()  # one fetch-and-map of a slab at a time per process
 
 
 class Client:
     """A connection to the wand daemon. Use :func:`connect`, ideally as a context manager.
 
-    Tensors and modules obtained here stay valid after :meth:`close`: leases belong to the
-    process and end when it exits or calls :meth:`detach`.
+    Tensors and modules obtained here stay valid after :meth:`close`, and after the daemon
+    stops or is killed: the memory behind them lives while this process maps it. Leases
+    belong to the process and end when it exits or calls :meth:`detach`.
     """
 
     def __init__(
@@ -37,24 +44,26 @@ class Client:
     ) -> None:
         self.endpoint = resolve(endpoint, client=True)
         self.timeout = timeout
-        path = socket_path(self.endpoint)
-        if path is not None and not path.exists():
-            raise ConnectError(f"no daemon at {describe(self.endpoint)}: {path} does not exist")
+        self._path = socket_path(self.endpoint)
+        if self._path is not None:
+            _probe(self._path, self.endpoint)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.endpoint)
         self._ids = count(1)
-        name = name or os.path.basename(sys.argv[0] or "python")
         self.daemon = self.request(
-            "hello", client=name, pid=os.getpid(), versions=list(protocol.SUPPORTED_VERSIONS)
+            "hello",
+            client=(name or default_name())[:MAX_NAME],
+            versions=list(protocol.SUPPORTED_VERSIONS),
         )
 
     def request(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         """Send one request and wait for its reply; a daemon error raises :class:`DaemonError`."""
         req_id = next(self._ids)
-        self._sock.send(protocol.request(req_id, op, args))
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        self._sock.send(protocol.request(req_id, op, {**args, "start": own_start()}))
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         while (left := deadline - time.monotonic()) > 0:
             if not self._sock.poll(int(left * 1000) + 1):
                 break
@@ -65,10 +74,9 @@ class Client:
                 return reply["result"]
             err = reply["error"]
             raise DaemonError(err["message"], err["code"])
-        raise ConnectError(
-            f"no reply to {op!r} from {describe(self.endpoint)} within "
-            f"{self.timeout if timeout is None else timeout:g} s"
-        )
+        if self._path is not None:
+            _probe(self._path, self.endpoint)  # a daemon that died meanwhile says so
+        raise ConnectError(f"no reply to {op!r} from {describe(self.endpoint)} within {wait:g} s")
 
     def status(self) -> dict[str, Any]:
         return self.request("status")
@@ -93,20 +101,26 @@ class Client:
     def stop(self) -> None:
         self.request("stop")
 
-    def attachment(self, name: str) -> Attachment:
-        """Lease ``name`` and map its slab: the manifest, the mapping and the views."""
-        reply = self._attach_request(name)
+    def attachment(self, name: str, writable: bool = False) -> Attachment:
+        """Lease ``name`` and map its slab: the manifest, the mapping and the views.
+
+        The mapping is shared and read-only (one per slab per process); with ``writable``
+        it is this attachment's own copy-on-write mapping: writes go to private pages (on a
+        GPU, a private device copy), never to the bytes other clients see.
+        """
+        reply = self._attach_request(name, writable)
         handle, man = reply["handle"], reply["manifest"]
-        flat = _map(handle)
-        return Attachment(man["name"], man, flat, manifests.views(flat, man))
+        flat = self._map(handle, writable)
+        return Attachment(man["name"], man, flat, manifests.views(flat, man), writable)
 
-    def attach(self, name: str) -> dict[str, torch.Tensor]:
-        """``{state-dict name: tensor}``: read-only views of the daemon's memory, no copy."""
-        return self.attachment(name).tensors
+    def attach(self, name: str, writable: bool = False) -> dict[str, torch.Tensor]:
+        """``{state-dict name: tensor}``: views of the daemon's memory, no copy (read-only
+        unless ``writable``)."""
+        return self.attachment(name, writable).tensors
 
-    def module(self, name: str) -> torch.nn.Module:
+    def module(self, name: str, writable: bool = False) -> torch.nn.Module:
         """The component's diffusers/transformers module, every weight bound to the slab."""
-        return self.attachment(name).module()
+        return self.attachment(name, writable).module()
 
     def pipeline(self, checkpoint: str | None = None, **overrides: Any) -> VideoPipeline:
         """The diffusers pipeline of a loaded checkpoint (``checkpoint`` names it when several
@@ -116,7 +130,8 @@ class Client:
         return build(self, checkpoint, **overrides)
 
     def detach(self, name: str) -> None:
-        """End this process's lease; tensors already obtained must no longer be used."""
+        """End this process's lease. Tensors already obtained stay readable (this process's
+        mapping keeps the memory), but the daemon no longer counts them as in use."""
         self.request("detach", name=name)
 
     def close(self) -> None:
@@ -128,32 +143,32 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _attach_request(self, name: str) -> dict[str, Any]:
+    def _attach_request(self, name: str, writable: bool) -> dict[str, Any]:
         """Ask for ``name``, waiting while it is still loading (up to the timeout)."""
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                return self.request("attach", name=name)
+                return self.request("attach", name=name, writable=writable)
             except DaemonError as e:
                 if e.code != "not_ready" or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
 
-
-def _map(handle: dict[str, Any]) -> torch.Tensor:
-    """The slab behind ``handle``, mapped once per process: shared memory read-only, or a
-    GPU allocation through CUDA IPC (closed once no tensor over it is left)."""
-    kind = handle.get("kind")
-    if kind == "cuda_ipc":
-        from wand.gpuslab import map_ipc
-
-        return map_ipc(handle)
-    if kind != "shm":
-        raise ProtocolError(f"unsupported handle kind {kind!r}")
-    flat = _mapped.get(handle["path"])
-    if flat is None:
-        flat = _mapped[handle["path"]] = map_readonly(handle)
-    return flat
+    def _map(self, handle: dict[str, Any], writable: bool) -> torch.Tensor:
+        """The slab behind ``handle``: this process's mapping if it has one (read-only),
+        else its descriptor fetched from the fd socket with the attach's ticket, mapped."""
+        with _mapping:
+            flat = None if writable else slabs.mapped(handle)
+            if flat is not None:
+                return flat
+            if self._path is None or not handle.get("fds"):
+                raise ConnectError(
+                    f"{self.endpoint}: slabs are handed over a Unix socket beside an ipc:// "
+                    "endpoint; this endpoint has none"
+                )
+            fds = self._path.parent / Path(str(handle["fds"])).name
+            fd = fdsocket.fetch(fds, str(handle["ticket"]), self.timeout)
+            return slabs.map_fd(handle, fd, writable)
 
 
 @dataclass
@@ -162,15 +177,16 @@ class Attachment:
 
     name: str
     manifest: dict[str, Any]
-    flat: torch.Tensor  # the whole slab (read-only on CPU; on its GPU for cuda_ipc)
+    flat: torch.Tensor  # the whole slab, on its device
     tensors: dict[str, torch.Tensor]
+    writable: bool = False
 
     def module(self) -> torch.nn.Module:
         return modules.build(self.manifest["cls"], self.manifest["config"], self.tensors)
 
     def verify(self) -> bool:
         """Do the mapped bytes still match the checksum the daemon computed at load?
-        (blake2b for CPU slabs, the on-device sum64 digest for GPU slabs)"""
+        (CRC-32s for CPU slabs, the on-device sum64 digest for GPU slabs)"""
         return manifests.verify(self.flat, self.manifest)
 
 
@@ -179,3 +195,47 @@ def connect(
 ) -> Client:
     """Connect to the daemon at ``endpoint`` (default: ``WAND_ENDPOINT`` or the runtime path)."""
     return Client(endpoint, timeout=timeout, name=name)
+
+
+def default_name() -> str:
+    """How ``wanctl ps`` shows this process: ``python3 -m mytool``, ``python3 -c``,
+    ``train.py``, ``python3`` (interactive)."""
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    interpreter, rest = os.path.basename(argv[0] or "python"), argv[1:]
+    if rest[:1] == ["-m"] and len(rest) > 1:
+        return f"{interpreter} -m {rest[1]}"
+    if rest[:1] == ["-c"]:
+        return f"{interpreter} -c"
+    return os.path.basename(rest[0]) if rest else interpreter
+
+
+def _probe(path: Path, endpoint: str) -> None:
+    """Fail at once, saying why, when nobody can answer at ``path``: no file, a stale file
+    (nobody listening), or a socket this user may not open."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(path))
+    except FileNotFoundError:
+        raise ConnectError(f"no daemon at {describe(endpoint)}: {path} does not exist") from None
+    except ConnectionRefusedError:
+        raise ConnectError(
+            f"no daemon is listening at {describe(endpoint)}; the socket file {path} is stale "
+            "(the daemon exited without removing it)"
+        ) from None
+    except PermissionError:
+        raise ConnectError(f"permission denied on {path}: {_who_may(path)}") from None
+    except OSError as e:
+        if e.errno == errno.EAGAIN:  # backlog full: the daemon is there, just busy
+            return
+        raise ConnectError(f"cannot connect to {path}: {e.strerror}") from None
+    finally:
+        sock.close()
+
+
+def _who_may(path: Path) -> str:
+    try:
+        st = path.stat()
+        group = grp.getgrgid(st.st_gid).gr_name
+    except (OSError, KeyError):
+        return "this user may not open it"
+    return f"the socket is for group {group} (ask to be added: usermod -aG {group} $USER)"

@@ -24,10 +24,12 @@ import torch
 
 from wand import placement
 from wand.errors import WandError
+from wand.files import is_file, read_small
 
 SYSTEM_CONFIG = Path("/etc/wand/wand.toml")
 TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
 CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype"}
+MAX_PATH, MAX_NAME = 4096, 64
 
 
 class ConfigError(WandError):
@@ -68,13 +70,11 @@ def load(path: Path | None) -> Config:
     """Read ``path`` (required to exist), or the default file if there is one."""
     if path is None:
         path = default_path()
-        if not path.is_file():
+        if not is_file(path):
             return Config()
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(read_small(path, ConfigError).decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     return parse(data, Path(path))
 
@@ -101,15 +101,22 @@ def checkpoint(entry: dict[str, Any], where: str) -> CheckpointConfig:
     """One checkpoint from a config table or from the equivalent protocol arguments."""
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a table")
-    unknown = set(entry) - CHECKPOINT_KEYS
+    unknown = {str(k)[:60] for k in entry} - CHECKPOINT_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     path = entry.get("path")
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"{where}: 'path' (the checkpoint folder) is required")
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH or "\0" in path:
+        raise ConfigError(
+            f"{where}: 'path' (the checkpoint folder) is required: a string of at most "
+            f"{MAX_PATH} characters"
+        )
     name, task = entry.get("name"), entry.get("task")
-    if name is not None and (not isinstance(name, str) or not name or "/" in name):
-        raise ConfigError(f"{where}: name must be a non-empty string without '/'")
+    if name is not None and (
+        not isinstance(name, str) or not name or "/" in name or len(name) > MAX_NAME
+    ):
+        raise ConfigError(
+            f"{where}: name must be a non-empty string without '/', at most {MAX_NAME} characters"
+        )
     if task is not None and task not in TASKS:
         raise ConfigError(f"{where}: task must be one of {', '.join(TASKS)}")
     device = _placements(entry.get("device", "cpu"), where)
@@ -186,7 +193,7 @@ def _check_device(value: str, where: str) -> None:
 def _dtype(name: str, where: str = "dtype") -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"{where}: {name!r} is not a floating-point dtype")
+        raise ConfigError(f"{where}: {name[:60]!r} is not a floating-point dtype")
     return dtype
 
 

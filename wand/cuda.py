@@ -1,168 +1,294 @@
-"""The few CUDA driver calls GPU slabs need, through ``libcuda.so.1`` and ctypes.
+"""The CUDA driver calls GPU slabs need — virtual memory management (VMM) — through ctypes.
 
-Slabs are plain ``cuMemAlloc`` allocations, not PyTorch caching-allocator blocks: one
-allocation per slab is exactly what legacy CUDA IPC exports, and neither expandable
-segments, the allocator's block splitting nor PyTorch's IPC ref-count files are involved.
+ctypes against ``libcuda.so.1`` works with every driver version and needs no package (the
+official ``cuda-bindings`` come in one line per CUDA major version and would have to match
+the machine's driver). ``$WAND_LIBCUDA`` names another library to load instead: the tests
+point it at a strict fake of the driver (``tests/fakecuda``), so everything above this module
+runs unchanged without a GPU.
+
 Every call runs in the device's *primary* context, the one PyTorch's runtime uses, pushed
-for the call, so it works from any thread. :class:`DeviceMemory` exposes a pointer through
-``__cuda_array_interface__``, which ``torch.as_tensor`` wraps without copying.
+for the call and popped after, so it works from any thread. Sizes are whole multiples of the
+allocation granularity the driver reports; allocations are exportable as POSIX file
+descriptors, each export a new descriptor its caller owns.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
 from wand.errors import DeviceError
 
-IPC_HANDLE_BYTES = 64
-LAZY_ENABLE_PEER_ACCESS = 0x1  # CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
+LIBRARY_ENV = "WAND_LIBCUDA"
+SUCCESS = 0
+ALLOCATION_TYPE_PINNED = 0x1
+HANDLE_TYPE_POSIX_FD = 0x1
+LOCATION_TYPE_DEVICE = 0x1
+ACCESS_READ, ACCESS_READWRITE = 0x1, 0x3
+GRANULARITY_RECOMMENDED = 0x1
+ATTRIBUTES = {  # what a device must support for GPU slabs
+    "CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": 102,
+    "CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED": 103,
+}
 
 
-class IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
+class Location(ctypes.Structure):  # CUmemLocation
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
 
 
-_P = ctypes.POINTER
+class AllocFlags(ctypes.Structure):  # CUmemAllocationProp.allocFlags
+    _fields_ = [
+        ("compressionType", ctypes.c_ubyte),
+        ("gpuDirectRDMACapable", ctypes.c_ubyte),
+        ("usage", ctypes.c_ushort),
+        ("reserved", ctypes.c_ubyte * 4),
+    ]
+
+
+class AllocationProp(ctypes.Structure):  # CUmemAllocationProp (cuda.h 12.x)
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("requestedHandleTypes", ctypes.c_int),
+        ("location", Location),
+        ("win32HandleMetaData", ctypes.c_void_p),
+        ("allocFlags", AllocFlags),
+    ]
+
+
+class AccessDesc(ctypes.Structure):  # CUmemAccessDesc
+    _fields_ = [("location", Location), ("flags", ctypes.c_int)]
+
+
+_P, _u64, _size = ctypes.POINTER, ctypes.c_uint64, ctypes.c_size_t
 _SIGNATURES: dict[str, list[Any]] = {
     "cuInit": [ctypes.c_uint],
+    "cuGetErrorString": [ctypes.c_int, _P(ctypes.c_char_p)],
+    "cuDeviceGetCount": [_P(ctypes.c_int)],
     "cuDeviceGet": [_P(ctypes.c_int), ctypes.c_int],
+    "cuDeviceGetAttribute": [_P(ctypes.c_int), ctypes.c_int, ctypes.c_int],
+    "cuDeviceGetUuid_v2": [ctypes.c_char * 16, ctypes.c_int],
     "cuDevicePrimaryCtxRetain": [_P(ctypes.c_void_p), ctypes.c_int],
     "cuCtxPushCurrent_v2": [ctypes.c_void_p],
     "cuCtxPopCurrent_v2": [_P(ctypes.c_void_p)],
     "cuCtxSynchronize": [],
-    "cuMemAlloc_v2": [_P(ctypes.c_uint64), ctypes.c_size_t],
-    "cuMemFree_v2": [ctypes.c_uint64],
-    "cuIpcGetMemHandle": [_P(IpcHandle), ctypes.c_uint64],
-    "cuIpcOpenMemHandle_v2": [_P(ctypes.c_uint64), IpcHandle, ctypes.c_uint],
-    "cuIpcCloseMemHandle": [ctypes.c_uint64],
-    "cuGetErrorString": [ctypes.c_int, _P(ctypes.c_char_p)],
+    "cuMemGetInfo_v2": [_P(_size), _P(_size)],
+    "cuMemGetAllocationGranularity": [_P(_size), _P(AllocationProp), ctypes.c_int],
+    "cuMemCreate": [_P(_u64), _size, _P(AllocationProp), ctypes.c_ulonglong],
+    "cuMemRelease": [_u64],
+    "cuMemExportToShareableHandle": [ctypes.c_void_p, _u64, ctypes.c_int, ctypes.c_ulonglong],
+    "cuMemImportFromShareableHandle": [_P(_u64), ctypes.c_void_p, ctypes.c_int],
+    "cuMemAddressReserve": [_P(_u64), _size, _size, _u64, ctypes.c_ulonglong],
+    "cuMemAddressFree": [_u64, _size],
+    "cuMemMap": [_u64, _size, _size, _u64, ctypes.c_ulonglong],
+    "cuMemUnmap": [_u64, _size],
+    "cuMemSetAccess": [_u64, _size, _P(AccessDesc), _size],
+    "cuMemcpyHtoD_v2": [_u64, ctypes.c_void_p, _size],
+    "cuMemcpyDtoH_v2": [ctypes.c_void_p, _u64, _size],
 }
 _lib: ctypes.CDLL | None = None
 _contexts: dict[int, ctypes.c_void_p] = {}
 _lock = threading.Lock()
 
 
-def _driver() -> ctypes.CDLL:
+def driver() -> ctypes.CDLL:
+    """The driver library, loaded and initialised once."""
     global _lib
     with _lock:
         if _lib is None:
+            name = os.environ.get(LIBRARY_ENV) or "libcuda.so.1"
             try:
-                lib = ctypes.CDLL("libcuda.so.1")
+                lib = ctypes.CDLL(name)
             except OSError as e:
-                raise DeviceError(f"cannot load the CUDA driver (libcuda.so.1): {e}") from None
-            for name, args in _SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.argtypes, fn.restype = args, ctypes.c_int
+                raise DeviceError(f"cannot load the CUDA driver ({name}): {e}") from None
+            for fn, args in _SIGNATURES.items():
+                try:
+                    f = getattr(lib, fn)
+                except AttributeError:
+                    raise DeviceError(f"the CUDA driver {name} lacks {fn}: too old") from None
+                f.argtypes, f.restype = args, ctypes.c_int
+            _check(lib, "cuInit", lib.cuInit(0))
             _lib = lib
-            _call("cuInit", 0)
         return _lib
 
 
-def _call(name: str, *args: Any) -> None:
-    lib = _lib if _lib is not None else _driver()
-    rc = getattr(lib, name)(*args)
-    if rc != 0:
-        text = ctypes.c_char_p()
-        lib.cuGetErrorString(rc, ctypes.byref(text))
-        reason = text.value.decode() if text.value else "unknown error"
-        raise DeviceError(f"{name} failed: CUDA error {rc} ({reason})")
+def call(name: str, *args: Any) -> None:
+    lib = driver()
+    _check(lib, name, getattr(lib, name)(*args))
+
+
+def _check(lib: ctypes.CDLL, name: str, rc: int) -> None:
+    if rc != SUCCESS:
+        raise DeviceError(f"{name} failed: CUDA error {rc} ({error_string(lib, rc)})")
+
+
+def error_string(lib: ctypes.CDLL, rc: int) -> str:
+    text = ctypes.c_char_p()
+    lib.cuGetErrorString(rc, ctypes.byref(text))
+    return text.value.decode() if text.value else "unknown error"
 
 
 @contextmanager
 def context(index: int) -> Iterator[None]:
     """Make GPU ``index``'s primary context current on this thread for the block."""
-    torch.cuda.init()  # PyTorch first: both then use the primary context it set up
-    _driver()
+    driver()
     with _lock:
         ctx = _contexts.get(index)
         if ctx is None:
             dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-            _call("cuDeviceGet", ctypes.byref(dev), index)
-            _call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
+            call("cuDeviceGet", ctypes.byref(dev), index)
+            call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
             _contexts[index] = ctx
-    _call("cuCtxPushCurrent_v2", ctx)
+    call("cuCtxPushCurrent_v2", ctx)
     try:
         yield
     finally:
-        _call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
+        call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
 
 
-class DeviceMemory:
-    """``nbytes`` of device memory at ``ptr`` on GPU ``index``, as a CUDA array of bytes.
+def device_count() -> int:
+    n = ctypes.c_int()
+    call("cuDeviceGetCount", ctypes.byref(n))
+    return n.value
 
-    Owned memory (``cuMemAlloc``) is freed by :meth:`release`; imported memory (an IPC
-    handle opened here) is closed by :meth:`release` or when the object is collected, which
-    happens once no tensor made from it is left (torch keeps the object alive until then).
-    """
 
-    def __init__(self, index: int, ptr: int, nbytes: int, imported: bool) -> None:
-        self.index, self.ptr, self.nbytes, self.imported = index, ptr, nbytes, imported
+def uuid(index: int) -> str:
+    """``GPU-xxxxxxxx-…`` of device ``index``, as nvidia-smi prints it."""
+    raw = (ctypes.c_char * 16)()
+    call("cuDeviceGetUuid_v2", raw, _device(index))
+    h = bytes(raw).hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
-    @classmethod
-    def allocate(cls, index: int, nbytes: int) -> DeviceMemory:
-        ptr = ctypes.c_uint64()
-        with context(index):
-            _call("cuMemAlloc_v2", ctypes.byref(ptr), nbytes)
-        return cls(index, ptr.value, nbytes, imported=False)
 
-    @classmethod
-    def open(cls, index: int, handle: bytes, nbytes: int) -> DeviceMemory:
-        """Map another process's allocation, exported by :meth:`ipc_handle`, on GPU ``index``."""
-        if len(handle) != IPC_HANDLE_BYTES:
-            raise DeviceError(f"a CUDA IPC handle has {IPC_HANDLE_BYTES} bytes, got {len(handle)}")
-        ptr = ctypes.c_uint64()
-        with context(index):
-            _call(
-                "cuIpcOpenMemHandle_v2",
-                ctypes.byref(ptr),
-                IpcHandle.from_buffer_copy(handle),
-                LAZY_ENABLE_PEER_ACCESS,
+def attribute(index: int, attr: int) -> int:
+    value = ctypes.c_int()
+    call("cuDeviceGetAttribute", ctypes.byref(value), attr, _device(index))
+    return value.value
+
+
+def require_vmm(index: int) -> None:
+    """GPU slabs need VMM and POSIX-fd handles; say which attribute is missing (WSL2 and
+    some virtualised GPUs lack them)."""
+    for name, attr in ATTRIBUTES.items():
+        if not attribute(index, attr):
+            raise DeviceError(
+                f"cuda:{index}: the driver reports {name} = 0, so GPU slabs cannot be shared "
+                "from here (WSL2 and some virtualised GPUs lack it); place components on 'cpu'"
             )
-        return cls(index, ptr.value, nbytes, imported=True)
 
-    def ipc_handle(self) -> bytes:
-        handle = IpcHandle()
-        with context(self.index):
-            _call("cuIpcGetMemHandle", ctypes.byref(handle), self.ptr)
-        return bytes(handle)
 
-    def synchronize(self) -> None:
-        """Wait for all work on the device: what was written is complete and visible."""
-        with context(self.index):
-            _call("cuCtxSynchronize")
+def memory_info(index: int) -> tuple[int, int]:
+    free, total = _size(), _size()
+    with context(index):
+        call("cuMemGetInfo_v2", ctypes.byref(free), ctypes.byref(total))
+    return free.value, total.value
 
-    def tensor(self) -> torch.Tensor:
-        """One uint8 tensor over all the bytes (zero-copy; it keeps this object alive)."""
-        return torch.as_tensor(self, device=torch.device("cuda", self.index))
 
-    @property
-    def __cuda_array_interface__(self) -> dict[str, Any]:
-        return {
-            "shape": (self.nbytes,),
-            "typestr": "|u1",
-            "data": (self.ptr, False),
-            "strides": None,
-            "version": 2,
-        }
+def _prop(index: int) -> AllocationProp:
+    prop = AllocationProp()
+    prop.type = ALLOCATION_TYPE_PINNED
+    prop.requestedHandleTypes = HANDLE_TYPE_POSIX_FD
+    prop.location = Location(LOCATION_TYPE_DEVICE, index)
+    return prop
 
-    def release(self) -> None:
-        """Free (owned) or close (imported) once; later calls do nothing."""
-        ptr, self.ptr = self.ptr, 0
-        if not ptr:
-            return
-        with context(self.index):
-            _call("cuCtxSynchronize")  # no kernel may still be using it
-            _call("cuIpcCloseMemHandle" if self.imported else "cuMemFree_v2", ptr)
 
-    def __del__(self) -> None:
-        if self.imported and self.ptr:
-            try:
-                self.release()
-            except Exception:  # at interpreter exit the driver may already be gone
-                pass
+def granularity(index: int) -> int:
+    g = _size()
+    with context(index):
+        call(
+            "cuMemGetAllocationGranularity", ctypes.byref(g), _prop(index), GRANULARITY_RECOMMENDED
+        )
+    return g.value
+
+
+def rounded(nbytes: int, index: int) -> int:
+    """``nbytes`` rounded up to whole allocation granules of device ``index``."""
+    g = granularity(index)
+    return max(-(-nbytes // g), 1) * g
+
+
+def create(index: int, size: int) -> int:
+    """A new physical allocation of ``size`` bytes (a whole number of granules), exportable
+    as a POSIX fd; the allocation handle."""
+    handle = _u64()
+    with context(index):
+        call("cuMemCreate", ctypes.byref(handle), size, _prop(index), 0)
+    return handle.value
+
+
+def export(index: int, handle: int) -> int:
+    """A new descriptor of the allocation (its caller closes it)."""
+    fd = ctypes.c_int(-1)
+    with context(index):
+        call("cuMemExportToShareableHandle", ctypes.byref(fd), handle, HANDLE_TYPE_POSIX_FD, 0)
+    return fd.value
+
+
+def import_fd(index: int, fd: int) -> int:
+    """An allocation handle for the memory behind ``fd`` (which the caller may close now)."""
+    handle = _u64()
+    with context(index):
+        call("cuMemImportFromShareableHandle", ctypes.byref(handle), fd, HANDLE_TYPE_POSIX_FD)
+    return handle.value
+
+
+def release(index: int, handle: int) -> None:
+    with context(index):
+        call("cuMemRelease", handle)
+
+
+def reserve(index: int, size: int) -> int:
+    ptr = _u64()
+    with context(index):
+        call("cuMemAddressReserve", ctypes.byref(ptr), size, 0, 0, 0)
+    return ptr.value
+
+
+def free_address(index: int, ptr: int, size: int) -> None:
+    with context(index):
+        call("cuMemAddressFree", ptr, size)
+
+
+def map_range(index: int, ptr: int, size: int, handle: int) -> None:
+    with context(index):
+        call("cuMemMap", ptr, size, 0, handle, 0)
+
+
+def unmap(index: int, ptr: int, size: int) -> None:
+    with context(index):
+        call("cuMemUnmap", ptr, size)
+
+
+def set_access(index: int, ptr: int, size: int, read_only: bool) -> None:
+    desc = AccessDesc(
+        Location(LOCATION_TYPE_DEVICE, index), ACCESS_READ if read_only else ACCESS_READWRITE
+    )
+    with context(index):
+        call("cuMemSetAccess", ptr, size, ctypes.byref(desc), 1)
+
+
+def synchronize(index: int) -> None:
+    """Wait for all work in the device's primary context."""
+    with context(index):
+        call("cuCtxSynchronize")
+
+
+def copy_to_device(index: int, ptr: int, data: bytes) -> None:
+    with context(index):
+        call("cuMemcpyHtoD_v2", ptr, data, len(data))
+
+
+def copy_to_host(index: int, ptr: int, nbytes: int) -> bytes:
+    out = ctypes.create_string_buffer(nbytes)
+    with context(index):
+        call("cuMemcpyDtoH_v2", out, ptr, nbytes)
+    return out.raw
+
+
+def _device(index: int) -> int:
+    dev = ctypes.c_int()
+    call("cuDeviceGet", ctypes.byref(dev), index)
+    return dev.value

@@ -1,8 +1,9 @@
 """``wand``: the daemon. Loads the configured checkpoints into shared slabs and serves them.
 
-Exit status: 0 after a requested stop, 78 (EX_CONFIG) when the configuration or a
-checkpoint in it cannot be used (systemd units say ``RestartPreventExitStatus=78``, so a
-broken configuration does not restart in a loop), 1 for anything else.
+Exit status: 0 after a requested stop, 78 (EX_CONFIG) when the configuration, a checkpoint
+in it or the socket directory cannot be used (systemd units say
+``RestartPreventExitStatus=78``, so a broken configuration does not restart in a loop),
+1 for anything else (out of memory, a GPU that fails).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,16 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wand import __version__, config, logs, placement, slab, systemd, traps
+from wand import __version__, config, fdstore, logs, placement, systemd
 from wand.endpoint import resolve
 from wand.errors import CheckpointError, DeviceError, WandError
+from wand.fdsocket import SUFFIX
 from wand.server import Server
-from wand.store import Checkpoint, Resident, Store
+from wand.store import Checkpoint, Store
 
 log = logging.getLogger("wand")
 EX_CONFIG = 78
 STATUS_EVERY = 1.0  # seconds between STATUS= updates while loading
 EXTEND_BY = 30.0  # seconds of start/reload timeout asked for at each extension
+STOP_WAIT = 10.0  # seconds a stop waits for a load in progress to notice
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,12 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             print(explain(cfg))
             return 0
         return Daemon(cfg, args, notifier, ring).run()
-    except (config.ConfigError, CheckpointError) as e:
-        log.error("%s", e)
-        notifier.failed(f"configuration error: {e}", errno.EINVAL)
-        return EX_CONFIG
     except WandError as e:
         log.error("%s", e)
+        if e.code in ("config", "checkpoint"):
+            notifier.failed(f"configuration error: {e}", errno.EINVAL)
+            return EX_CONFIG
         notifier.failed(str(e), errno.EIO)
         return 1
 
@@ -95,27 +98,28 @@ def _configuration(args: argparse.Namespace) -> config.Config:
 
 
 def read(entry: config.CheckpointConfig) -> Checkpoint:
-    """The checkpoint an entry names, read and checked (raises CheckpointError)."""
+    """The checkpoint an entry names, read and checked (raises CheckpointError, ConfigError)."""
     from wand.wan import read_checkpoint  # heavy imports only once arguments are fine
 
     check_devices(entry.device)
-    spec = read_checkpoint(entry.path, task=entry.task, dtypes=entry.dtypes())
+    try:
+        spec = read_checkpoint(entry.path, task=entry.task, dtypes=entry.dtypes())
+    except (OSError, ValueError, RecursionError) as e:  # a file problem no check foresaw
+        raise CheckpointError(f"{entry.path}: {type(e).__name__}: {str(e)[:300]}") from None
     return Checkpoint(entry.name or spec.task, spec, entry, "config")
 
 
 def check_devices(devices: dict[str, str]) -> None:
-    """Every placement names a GPU this process sees, on a platform that can share it."""
+    """Every placement names a GPU this process sees, whose driver can share its memory."""
     try:
         gpus = [d for d in map(placement.resolve, devices.values()) if d.uuid is not None]
+        if gpus:
+            from wand import cuda
+
+            for d in gpus:
+                cuda.require_vmm(d.index)
     except DeviceError as e:
         raise config.ConfigError(str(e)) from None
-    if not gpus:
-        return
-    found = traps.check([d.uuid for d in gpus])
-    if "error" in found:
-        raise config.ConfigError(found["error"])
-    if "warning" in found:
-        log.warning("%s", found["warning"])
 
 
 def explain(cfg: config.Config) -> str:
@@ -155,39 +159,53 @@ class Daemon:
         self.args = args
         self.notify = notifier
         self.ring = ring
-        self.store = Store()
         self.phase = "starting"  # starting → ready ⇄ reloading
         self.fatal: Exception | None = None
         self._reload_asked = False
+        self._reloads = 0  # reloads in progress on the worker thread
         self._last_status = self._last_extend = 0.0
 
     def run(self) -> int:
-        for path in slab.remove_stale():
-            log.info("removed stale slab %s", path)
-        checkpoints = [read(entry) for entry in self.config.checkpoints]  # errors: before bind
-        fd = systemd.listen_fd()
-        endpoint = systemd.socket_endpoint(fd) if fd is not None else resolve(self.config.endpoint)
-        self.server = Server(self.store, endpoint, self, self.ring)
-        self.server.bind(fd)
+        inherited = systemd.listen_fds()
+        stored, sockets = fdstore.inherited(inherited)
+        try:
+            checkpoints = [read(entry) for entry in self.config.checkpoints]  # before bind
+        except BaseException:
+            for s in stored.values():
+                s.close()
+            raise
+        if not checkpoints:
+            log.warning(
+                "no checkpoint configured (%s): serving nothing until one is added with "
+                "wanctl load PATH",
+                self.config.source or "no configuration file, no --checkpoint",
+            )
+        self.store = Store(fdstore.FdStore(self.notify), stored)
+        zmq_fd, fds_fd, endpoint = _sockets(sockets)
+        self.server = Server(self.store, endpoint or resolve(self.config.endpoint), self, self.ring)
+        self.server.bind(zmq_fd, fds_fd)
         for ckpt in checkpoints:
             self.store.add(ckpt)
+        self.store.discard_stored()
         self.notify.status(self._progress())
         self.notify.extend_timeout(EXTEND_BY)
         self._last_status = self._last_extend = time.monotonic()
-        threading.Thread(target=self._loader, name="loader", daemon=True).start()
+        loader = threading.Thread(target=self._loader, name="loader", daemon=True)
+        loader.start()
         self._signals()
         try:
             self.server.serve(tick=self._tick)
         finally:
             self.notify.stopping()
+            self.store.close()
+            loader.join(STOP_WAIT)  # a load in progress stops at its next tensor
             self.server.close()
-            self.store.free_all()
         if self.fatal is not None:
             raise self.fatal
         log.info("stopped")
         return 0
 
-    # --- Control (what the server delegates) ----------------------------------------------
+    # --- Control (what the server delegates; load and reload run on its worker thread) ----
 
     def state(self) -> str:
         return "failed" if self.fatal else self.phase
@@ -208,9 +226,16 @@ class Daemon:
         Checkpoints that fail to read keep their loaded version; checkpoints gone from the
         configuration are unloaded (their slabs live on while clients hold them).
         """
-        self.notify.reloading()
+        self._reloads += 1
         self.phase = "reloading"
+        self.notify.reloading()
         log.info("reloading")
+        try:
+            return self._reload()
+        finally:
+            self._reloads -= 1
+
+    def _reload(self) -> dict[str, Any]:
         try:
             self.config = _configuration(self.args)
         except WandError as e:
@@ -253,8 +278,10 @@ class Daemon:
     # --- loop -----------------------------------------------------------------------------
 
     def _loader(self) -> None:
-        while True:
-            resident: Resident = self.store.queue.get()
+        while not self.store.closing:
+            resident = self.store.queue.get()
+            if resident is None:
+                continue
             try:
                 self.store.load(resident)
             except Exception as e:
@@ -272,10 +299,10 @@ class Daemon:
         if self._reload_asked:
             self._reload_asked = False
             try:
-                self.reload()
-            except WandError:
-                pass  # logged; the loaded checkpoints stay
-        busy = self.store.busy()
+                self.server.submit("reload", self.reload)
+            except WandError as e:
+                log.warning("SIGHUP: %s", e)
+        busy = self.store.busy() or self._reloads > 0
         if self.phase != "ready" and busy:
             if now - self._last_extend >= EXTEND_BY / 3:
                 self.notify.extend_timeout(EXTEND_BY)
@@ -299,8 +326,11 @@ class Daemon:
     def _summary(self) -> str:
         with self.store.lock:
             n = len(self.store.addresses)
-            size = sum(r.nbytes for r in self.store.residents.values() if r.state == "ready")
-        return f"ready: {n} components, {size / 1e9:.2f} GB resident"
+            ready = [r for r in self.store.residents.values() if r.state == "ready"]
+        size = sum(r.nbytes for r in ready)
+        adopted = sum(r.adopted for r in ready)
+        kept = f", {adopted} adopted from the fd store" if adopted else ""
+        return f"ready: {n} components, {size / 1e9:.2f} GB resident{kept}"
 
     def _signals(self) -> None:
         def stop(signum: int, _frame: object) -> None:
@@ -313,7 +343,36 @@ class Daemon:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hup)
+        signal.set_wakeup_fd(self.server.wake_fd)  # a signal wakes the serving loop at once
+
+
+def _sockets(fds: list[int]) -> tuple[int | None, int | None, str | None]:
+    """The inherited control socket, fd socket and the control socket's endpoint."""
+    zmq_fd = fds_fd = endpoint = None
+    for fd in fds:
+        address = systemd.socket_address(fd)
+        if address is None:
+            log.warning("systemd passed descriptor %d, which is not a socket: closed", fd)
+            os.close(fd)
+        elif address.endswith(SUFFIX):
+            fds_fd = fd
+        elif zmq_fd is None:
+            zmq_fd, endpoint = fd, address
+        else:
+            log.warning("systemd passed a second control socket (%s): ignored", address)
+    return zmq_fd, fds_fd, endpoint
+
+
+def run() -> None:
+    """The ``wand`` command: exit without tearing the interpreter down module by module
+    (torch's and diffusers' teardown takes about a second, and a stop should not); every
+    socket and slab was closed already and the logs are flushed here."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

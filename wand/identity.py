@@ -1,10 +1,13 @@
-"""When two components are the same bytes, and when a checkpoint changed on disk.
+"""When two components are the same bytes, when a checkpoint changed on disk, and when a slab
+from systemd's fd store is the one a configuration asks for.
 
 ``shape_key`` is cheap (class, config, names, shapes, dtypes, device). Components with equal
 shape keys are candidates for sharing one slab; they share it only if their files also have
-equal contents (``content_key``: full blake2b of each file, computed only for candidates and
-remembered per file version). ``stamp`` is what a reload compares: which file versions a
-component was loaded from.
+equal contents. That is decided in three steps, each only for files that passed the one
+before: sizes, then a sample (the first 64 KiB, where the headers are, and 16 pieces of
+64 KiB spread over the file), then a full blake2b remembered per file version. Files of
+different experts differ in the sample, so a start never hashes 114 GB of experts.
+``stamp`` is what a reload compares: which file versions a component was loaded from.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
+from wand.files import open_regular, read_exact
 from wand.spec import ComponentSpec
 
 CHUNK = 64 << 20
+SAMPLE = 64 << 10
+SAMPLES = 16
 
 
 def shape_key(spec: ComponentSpec, device: str) -> tuple:
@@ -30,8 +36,27 @@ def stamp(spec: ComponentSpec) -> tuple:
     return tuple(_file_version(f) for f in _files(spec))
 
 
-def content_key(spec: ComponentSpec) -> tuple:
-    return tuple((os.path.getsize(f), _digest(*_file_version(f))) for f in _files(spec))
+def same_bytes(a: ComponentSpec, b: ComponentSpec) -> bool:
+    """Do the files of ``a`` and ``b`` hold the same bytes, pairwise in tensor order?"""
+    fa, fb = _files(a), _files(b)
+    if len(fa) != len(fb):
+        return False
+    pairs = [(x, y) for x, y in zip(fa, fb, strict=True) if _file_version(x) != _file_version(y)]
+    for step in (_size, _sample, _digest):
+        if any(step(*_file_version(x)) != step(*_file_version(y)) for x, y in pairs):
+            return False
+    return True
+
+
+def adoption_key(path: Path, layout: str, spec: ComponentSpec, device: str) -> str:
+    """What a stored slab must have been loaded from to be adopted for ``spec``: the
+    checkpoint folder and layout, the component's shape key on ``device`` (a GPU UUID or
+    ``cpu``), and the versions (path, size, mtime, inode) of its files."""
+    text = json.dumps(
+        [str(path), layout, spec.name, repr(shape_key(spec, device)), stamp(spec)],
+        sort_keys=True,
+    )
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def _files(spec: ComponentSpec) -> list[Path]:
@@ -43,14 +68,35 @@ def _file_version(path: Path) -> tuple:
     return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+def _size(path: str, size: int, mtime_ns: int, ino: int) -> int:
+    return size
+
+
+@cache
+def _sample(path: str, size: int, mtime_ns: int, ino: int) -> str:
+    """blake2b of the first 64 KiB and of 16 evenly spread 64 KiB pieces."""
+    offsets = sorted({0, *(size * i // SAMPLES for i in range(1, SAMPLES))})
+    h = hashlib.blake2b(digest_size=32)
+    fd = open_regular(path)
+    try:
+        for offset in offsets:
+            h.update(read_exact(fd, offset, min(SAMPLE, size - offset), path))
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
 @cache
 def _digest(path: str, size: int, mtime_ns: int, ino: int) -> str:
     """blake2b of a whole file, in parallel 64 MiB pieces (cached per file version)."""
 
     def piece(offset: int) -> bytes:
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
-            return hashlib.blake2b(f.read(CHUNK), digest_size=32).digest()
+        fd = open_regular(path)
+        try:
+            data = read_exact(fd, offset, min(CHUNK, size - offset), path)
+        finally:
+            os.close(fd)
+        return hashlib.blake2b(data, digest_size=32).digest()
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         pieces = pool.map(piece, range(0, size, CHUNK))

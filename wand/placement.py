@@ -41,7 +41,7 @@ def parse(value: str) -> int | None:
         return None
     m = _NAME.match(value)
     if not m:
-        raise ValueError(f"device {value!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+        raise ValueError(f"device {value[:60]!r}: expected 'cpu', 'cuda' or 'cuda:N'")
     return int(m.group(1) or 0)
 
 

@@ -1,36 +1,51 @@
-"""The daemon's serving loop: one ROUTER socket, one thread, requests answered in order.
+"""The daemon's serving loop: one ROUTER socket, the fd socket, one thread that never blocks.
 
 Every request gets a reply, an error reply if need be; nothing a client sends can stop the
-loop except an authorised ``stop``. The loop also watches client pidfds to end the leases of
-processes that exit, and frees retired slabs once no lease holds them.
+loop except an authorised ``stop``. Replies are sent without blocking: a client that does
+not read them loses them (logged once), it never holds up anyone else. Operations that read
+files (``load``, ``reload``) run on a worker thread and are answered when they are done. The
+loop also watches client pidfds to forget processes that exit, hands slab descriptors out
+over the fd socket, and lets go of retired slabs once no lease holds them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import socket
+import stat
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import zmq
 
 from wand import __version__, protocol
-from wand.client import Client
+from wand.clients import ClientTable
 from wand.endpoint import socket_path
 from wand.errors import ProtocolError, WandError
-from wand.leases import LeaseTable
+from wand.fdsocket import FdServer, fd_socket_path
 from wand.logs import RingBuffer
 from wand.store import Checkpoint, Resident, Store
 
 log = logging.getLogger("wand.server")
 POLL_MS = 200
 PRIVILEGED = {"load", "unload", "reload", "stop"}
+DEFERRED = {"load", "reload"}  # they read files: done on the worker thread
+MAX_DEFERRED = 8
+SEND_HWM = 64  # replies queued per client before further ones are dropped
+RECV_HWM = 64  # requests queued per client before ZeroMQ stops reading its connection
+MAX_CLIENT_NAME = 256
 
 
 class Control(Protocol):
-    """What the server asks of the daemon for operations beyond the store."""
+    """What the server asks of the daemon for operations beyond the store (these two run on
+    the worker thread)."""
 
     def load(self, args: dict[str, Any]) -> list[str]: ...
 
@@ -40,13 +55,28 @@ class Control(Protocol):
 
 
 class Peer:
-    """Who sent a request, from the kernel's credentials of the ipc connection."""
+    """Who sent a request: the kernel's credentials of the ipc connection, and the client
+    process they name (None over transports without credentials, e.g. tcp://)."""
 
-    def __init__(self, frame: zmq.Frame, args: dict[str, Any]) -> None:
-        self.uid, self.pid = _credentials(frame)
-        if self.pid is None:  # not a local socket: trust what the client says
-            self.pid = args.get("pid") if isinstance(args.get("pid"), int) else None
-        self.name = str(args.get("client") or "")
+    def __init__(self, frame: zmq.Frame, start: Any, clients: ClientTable) -> None:
+        self.uid, pid = _credentials(frame)
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
+            raise WandError(f"'start' must be an integer, got {protocol.short(start)}", "bad_args")
+        self.start: int | None = start
+        self.proc = clients.get(pid, self.uid, start) if pid is not None else None
+
+    def needs_start(self) -> None:
+        """Lease operations must say which process they come from, beyond its pid."""
+        if self.start is None:
+            raise WandError(
+                "lease operations need 'start', the client process's start time "
+                "(/proc/self/stat field 22), so that a reused pid inherits nothing",
+                "bad_args",
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
 
 
 class Server:
@@ -57,128 +87,247 @@ class Server:
         self.endpoint = endpoint
         self.control = control
         self.logs = logs or RingBuffer()
-        self.leases = LeaseTable()
+        self.clients = ClientTable()
         self.started = time.time()
         self.stopping = False
+        self.fds: FdServer | None = None
         self._inherited = False
-        self._names: dict[int, str] = {}  # pid → client name from its hello
-        self._revoked: dict[int, str] = {}  # pid → why its leases were taken away
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, protocol.TRANSPORT_MAX_BYTES)
-        self._sock.setsockopt(zmq.LINGER, 100)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        for option, value in (
+            (zmq.MAXMSGSIZE, protocol.TRANSPORT_MAX_BYTES),
+            (zmq.LINGER, 0),
+            (zmq.ROUTER_MANDATORY, 1),
+            (zmq.SNDHWM, SEND_HWM),
+            (zmq.RCVHWM, RECV_HWM),
+        ):
+            self._sock.setsockopt(option, value)
         self._ops: dict[str, Callable[[Peer, dict], Any]] = {
             op: getattr(self, f"_{op}") for op in protocol.OPS
         }
+        self._dropped: OrderedDict[bytes, None] = OrderedDict()  # clients told about, bounded
+        self._jobs: queue.Queue[tuple[bytes | None, Any, str, Callable[[], Any]]] = queue.Queue(
+            MAX_DEFERRED
+        )
+        self._done: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()
+        self._wake_r, self.wake_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        threading.Thread(target=self._worker, name="requests", daemon=True).start()
 
-    def bind(self, inherited_fd: int | None = None) -> None:
-        """Listen on the endpoint, or on the socket systemd passed (socket activation)."""
+    def bind(self, inherited: int | None = None, inherited_fds: int | None = None) -> None:
+        """Listen on the endpoint and its fd socket, or on the sockets systemd passed."""
         path = socket_path(self.endpoint)
-        if inherited_fd is not None:
-            self._sock.setsockopt(zmq.USE_FD, inherited_fd)
+        if inherited is not None:
+            self._sock.setsockopt(zmq.USE_FD, inherited)
             self._inherited = True
         elif path is not None:
-            _claim_socket_path(path, self.endpoint)
-        self._sock.bind(self.endpoint)
-        if path is not None and not self._inherited:
-            os.chmod(path, 0o660)
+            _claim(path, self.endpoint)
+        old = os.umask(0o117)  # the socket file is created 0660: no window with another mode
+        try:
+            self._sock.bind(self.endpoint)
+        finally:
+            os.umask(old)
+        if inherited_fds is not None:
+            sock = socket.socket(fileno=inherited_fds)
+            self.fds = FdServer(sock, self._redeem)
+        elif path is not None:
+            fds_path = fd_socket_path(path)
+            _claim(fds_path, f"ipc://{fds_path}")
+            self.fds = FdServer.bind(fds_path, self._redeem)
         log.info("listening on %s%s", self.endpoint, " (socket activation)" * self._inherited)
 
     def serve(self, tick: Callable[[], None] = lambda: None) -> None:
         """Answer requests until stopped; ``tick`` runs at least every 200 ms."""
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         watched: set[int] = set()
         while not self.stopping:
-            watched = self._watch_pidfds(poller, watched)
+            watched = self._watch(poller, watched)
             for sock, _ in poller.poll(POLL_MS):
-                if sock is self._sock:
-                    self._serve_one()
-                else:
-                    self._client_exited(sock)
+                self._ready(sock)
+            self._send_done()
+            self.clients.expire()
+            if self.fds is not None:
+                self.fds.expire()
             self.collect()
             tick()
 
+    def submit(
+        self, op: str, job: Callable[[], Any], reply_to: tuple[bytes, Any] | None = None
+    ) -> None:
+        """Run ``job`` (operation ``op``) on the worker thread; its result or error answers
+        ``reply_to`` (identity, request id), if given."""
+        identity, req_id = reply_to or (None, None)
+        try:
+            self._jobs.put_nowait((identity, req_id, op, job))
+        except queue.Full:
+            raise WandError("too many loads and reloads are waiting; try again", "busy") from None
+
     def collect(self) -> None:
-        """Free retired residents that no lease holds any more."""
+        """Let go of retired residents that no lease holds any more."""
         for resident in self.store.retired():
-            if not self.leases.holders(resident.id):
+            if not self.clients.holders(resident.id):
                 self.store.free(resident)
 
     def close(self) -> None:
-        self.leases.close()
-        self._sock.close()
+        self.clients.close()
+        if self.fds is not None:
+            self.fds.close()
+        self._sock.close(linger=0)
         self._ctx.term()
         path = socket_path(self.endpoint)
-        if path is not None and not self._inherited:  # systemd owns an inherited socket
+        if path is not None and not self._inherited:  # systemd owns inherited sockets
             path.unlink(missing_ok=True)
+            fd_socket_path(path).unlink(missing_ok=True)
 
-    def _watch_pidfds(self, poller: zmq.Poller, watched: set[int]) -> set[int]:
-        current = set(self.leases.pidfds())
+    # --- the loop's parts -----------------------------------------------------------------
+
+    def _watch(self, poller: zmq.Poller, watched: set[int]) -> set[int]:
+        current = set(self.clients.pidfds()) | set(self.fds.fds() if self.fds else ())
         for fd in watched - current:
             poller.unregister(fd)
         for fd in current - watched:
             poller.register(fd, zmq.POLLIN)
         return current
 
-    def _client_exited(self, pidfd: int) -> None:
-        proc = self.leases.reap(pidfd)
-        if proc:
-            held = ", ".join(lease.component for lease in proc.leases.values()) or "nothing"
-            log.info(
-                "client %d (%s) exited; released %s",
-                proc.pid,
-                proc.name or "?",
-                held,
-                extra={"WAND_CLIENT_PID": proc.pid},
-            )
-            self._names.pop(proc.pid, None)
-            self._revoked.pop(proc.pid, None)
+    def _ready(self, sock: Any) -> None:
+        if sock is self._sock:
+            self._serve_some()
+        elif sock == self._wake_r:
+            while True:
+                try:
+                    if not os.read(self._wake_r, 4096):
+                        break
+                except BlockingIOError:
+                    break
+        elif self.fds is not None and sock in self.fds.fds():
+            self.fds.ready(sock)
+        else:
+            self._client_exited(sock)
 
-    def _serve_one(self) -> None:
-        frames = self._sock.recv_multipart(copy=False)
-        identity, body = frames[0], frames[1:]
-        reply = self._reply(body)
+    def _serve_some(self) -> None:
+        """Requests waiting now, a bounded number per wake-up so the loop keeps ticking."""
+        for _ in range(256):
+            if self.stopping:
+                return
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity, body = frames[0].bytes, frames[1:]
+            reply = self._reply(identity, body)
+            if reply is not None:
+                self._send(identity, reply)
+
+    def _send(self, identity: bytes, reply: bytes) -> None:
         try:
-            self._sock.send_multipart([identity, reply])
-        except zmq.ZMQError as e:  # the client vanished between request and reply
-            log.debug("reply not delivered: %s", e)
+            self._sock.send_multipart([identity, reply], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # gone (EHOSTUNREACH), or not reading (EAGAIN)
+            if identity not in self._dropped:
+                log.info("reply to a client not delivered (%s); dropping its replies", e.strerror)
+            self._dropped[identity] = None
+            self._dropped.move_to_end(identity)
+            while len(self._dropped) > 1024:
+                self._dropped.popitem(last=False)
 
-    def _reply(self, body: list[zmq.Frame]) -> bytes:
+    def _send_done(self) -> None:
+        while True:
+            try:
+                identity, reply = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._send(identity, reply)
+
+    def _worker(self) -> None:
+        while True:
+            identity, req_id, op, job = self._jobs.get()
+            reply = self._run(req_id, op, job)
+            if identity is not None:
+                self._done.put((identity, reply))
+                try:
+                    os.write(self.wake_fd, b"x")
+                except BlockingIOError:
+                    pass  # the loop is awake already
+
+    def _client_exited(self, pidfd: int) -> None:
+        proc = self.clients.reap(pidfd)
+        if proc is None:
+            return
+        held = ", ".join(lease.component for lease in proc.leases.values())
+        log.log(
+            logging.INFO if held else logging.DEBUG,
+            "client %d (%s) exited; released %s",
+            proc.pid,
+            proc.name or "?",
+            held or "nothing",
+            extra={"WAND_CLIENT_PID": proc.pid},
+        )
+
+    def _reply(self, identity: bytes, body: list[zmq.Frame]) -> bytes | None:
+        """The reply to one request (None when it is answered later, by the worker); every
+        step, the peer's identity included, is inside the error boundary."""
         if len(body) != 1:
             return protocol.error(None, "bad_message", f"expected 1 frame, got {len(body)}")
         try:
             req = protocol.parse_request(body[0].bytes)
         except ProtocolError as e:
             return protocol.error(protocol.request_id_of(e), e.code, str(e))
-        peer = Peer(body[0], req.args)
+        args = dict(req.args)
+        start = args.pop("start", None)  # who it is, not what it asks
+
+        def handle() -> Any:
+            peer = Peer(body[0], start, self.clients)
+            self._logged(peer, req.op, partial(self._admit, peer, req.op))
+            run = partial(self._logged, peer, req.op, partial(self._ops[req.op], peer, args))
+            if req.op in DEFERRED:  # reads files: answered by the worker when done
+                self.submit(req.op, run, (identity, req.id))
+                return _LATER
+            return run()
+
+        return self._run(req.id, req.op, handle)
+
+    def _logged(self, peer: Peer, op: str, job: Callable[[], Any]) -> Any:
+        """Run ``job``; a privileged operation that fails is logged with who asked."""
         try:
-            self._admit(peer, req.op)
-            return protocol.ok(req.id, self._ops[req.op](peer, req.args))
+            return job()
         except WandError as e:
-            if req.op in PRIVILEGED:
+            if op in PRIVILEGED:
                 log.warning(
                     "%s from pid %s failed: %s",
-                    req.op,
+                    op,
                     peer.pid,
-                    e,
-                    extra={"WAND_CLIENT_PID": peer.pid, "WAND_OP": req.op},
+                    str(e)[:500],
+                    extra={"WAND_CLIENT_PID": peer.pid, "WAND_OP": op},
                 )
-            code = e.code if e.code in protocol.ERRORS else "internal"
-            return protocol.error(req.id, code, str(e))
+            raise
+
+    def _run(self, req_id: Any, op: str, job: Callable[[], Any]) -> bytes | None:
+        try:
+            result = job()
+            return None if result is _LATER else protocol.ok(req_id, result)
+        except WandError as e:
+            return protocol.error(req_id, e.code, str(e))
         except Exception as e:  # a bug must not take the daemon down
-            log.exception("internal error in %s", req.op)
-            return protocol.error(req.id, "internal", f"{type(e).__name__}: {e}")
+            log.exception("internal error in %s", op)
+            return protocol.error(req_id, "internal", f"{type(e).__name__}: {str(e)[:500]}")
 
     def _admit(self, peer: Peer, op: str) -> None:
-        if peer.pid in self._revoked:
-            raise WandError(self._revoked.pop(peer.pid), "revoked")
+        if peer.proc is not None and peer.proc.revoked:
+            why, peer.proc.revoked = peer.proc.revoked, None
+            raise WandError(why, "revoked")
         if op in PRIVILEGED and peer.uid not in (0, os.geteuid()):
             raise WandError(
                 f"{op} is allowed only to root and the daemon's user (uid {os.geteuid()})",
                 "forbidden",
             )
+
+    def _redeem(self, pid: int, uid: int, ticket: str) -> tuple[int | None, dict[str, Any]]:
+        """The fd socket's question: may process ``pid`` have the slab of ``ticket``?"""
+        found = self.clients.redeem(pid, uid, ticket)
+        resident = self.store.residents.get(found.resident)
+        if resident is None or resident.slab is None:
+            raise WandError("that slab is gone", "not_attached")
+        return resident.slab.export(), {"ok": True, "nbytes": resident.slab.nbytes}
 
     # --- operations -------------------------------------------------------------------
 
@@ -186,11 +335,13 @@ class Server:
         versions = args.get("versions", [protocol.VERSION])
         if not isinstance(versions, list) or protocol.VERSION not in versions:
             raise WandError(
-                f"client speaks protocol {versions}, this daemon speaks {protocol.VERSION}",
+                f"client speaks protocol {protocol.short(versions)}, this daemon speaks "
+                f"{protocol.VERSION}",
                 "unsupported_version",
             )
-        if peer.pid is not None and peer.name:
-            self._names[peer.pid] = peer.name
+        name = protocol.text(args, "client", required=False, limit=MAX_CLIENT_NAME)
+        if peer.proc is not None and name:
+            peer.proc.name = name
         return {
             "protocol": protocol.VERSION,
             "version": __version__,
@@ -202,11 +353,12 @@ class Server:
         with self.store.lock:
             comps = [self._component(addr, r) for addr, r in self.store.addresses.items()]
             retired = [
-                {**r.summary(), "clients": len(self.leases.holders(r.id))}
+                {**r.summary(), "clients": len(self.clients.holders(r.id))}
                 for r in self.store.retired()
             ]
             checkpoints = [_checkpoint_info(c) for c in self.store.checkpoints.values()]
-            gpus = _gpus(self.store)
+            residents = list(self.store.residents.values())
+        fdstore = self.store.fdstore
         return {
             "daemon": {
                 "pid": os.getpid(),
@@ -216,12 +368,15 @@ class Server:
                 "endpoint": self.endpoint,
                 "uptime": time.time() - self.started,
                 "state": self.control.state(),
-                "clients": len(self.leases.processes()),
+                "clients": len(self.clients.leaseholders()),
+                "tracked": len(self.clients),
+                "fdstore": bool(fdstore and fdstore.enabled),
+                "adopted": sum(r.adopted for r in residents),
             },
             "checkpoints": checkpoints,
             "components": comps,
             "retired": retired,
-            "gpus": gpus,
+            "gpus": _gpus(self.store, residents),
         }
 
     def _component(self, addr: str, resident: Resident) -> dict[str, Any]:
@@ -231,7 +386,7 @@ class Server:
             "name": addr,
             "checkpoint": addr.split("/", 1)[0],
             "shared_with": shared,
-            "clients": len(self.leases.holders(resident.id)),
+            "clients": len(self.clients.holders(resident.id)),
         }
 
     def _list(self, peer: Peer, args: dict) -> dict:
@@ -241,24 +396,36 @@ class Server:
         return {"components": [{k: c[k] for k in keys} for c in comps]}
 
     def _attach(self, peer: Peer, args: dict) -> dict:
-        addr, resident = self.store.resolve(args.get("name"))
+        name = protocol.text(args, "name")
+        peer.needs_start()
+        writable = protocol.flag(args, "writable")
+        addr, resident = self.store.resolve(name)
         if resident.state == "failed":
             raise WandError(f"{addr} failed to load: {resident.error}", "failed")
-        if resident.state != "ready":
+        if resident.state != "ready" or resident.slab is None:
             raise WandError(
                 f"{addr} is {resident.state} ({resident.done_bytes / max(resident.nbytes, 1):.0%})",
                 "not_ready",
             )
-        if peer.pid is None:
-            raise WandError("attach needs the client's pid", "bad_args")
-        name = self._names.get(peer.pid, peer.name)
-        self.leases.acquire(peer.pid, peer.uid, name, addr, resident.id)
+        if peer.proc is None:
+            raise WandError(
+                "attach needs a local ipc:// connection: the daemon must know the client "
+                "process from the kernel",
+                "forbidden",
+            )
+        self.clients.acquire(peer.proc, addr, resident.id)
+        handle = {
+            **resident.slab.handle(),
+            "ticket": self.clients.issue(peer.proc, resident.id, writable),
+            "fds": os.path.basename(self.fds.sock.getsockname()) if self.fds else None,
+        }
         man = {**resident.manifest, "name": addr, "checkpoint": addr.split("/", 1)[0]}
-        return {"name": addr, "handle": resident.slab.handle(), "manifest": man}
+        return {"name": addr, "handle": handle, "manifest": man}
 
     def _detach(self, peer: Peer, args: dict) -> dict:
-        addr, resident = self.store.resolve(args.get("name"))
-        if peer.pid is None or not self.leases.release(peer.pid, addr, resident.id):
+        peer.needs_start()
+        addr, resident = self.store.resolve(protocol.text(args, "name"))
+        if peer.proc is None or not self.clients.release(peer.proc, addr, resident.id):
             raise WandError(f"this process holds no lease on {addr}", "not_attached")
         return {"name": addr}
 
@@ -279,7 +446,7 @@ class Server:
                         for lease in p.leases.values()
                     ],
                 }
-                for p in self.leases.processes()
+                for p in self.clients.leaseholders()
             ]
         }
 
@@ -298,22 +465,24 @@ class Server:
         return self.control.reload()
 
     def _unload(self, peer: Peer, args: dict) -> dict:
-        name = args.get("name")
-        if not isinstance(name, str) or name not in self.store.checkpoints:
+        name, force = protocol.text(args, "name"), protocol.flag(args, "force")
+        if name not in self.store.checkpoints:
             loaded = ", ".join(self.store.checkpoints) or "none"
-            raise WandError(f"no checkpoint {name!r}; loaded: {loaded}", "unknown_component")
+            raise WandError(
+                f"no checkpoint {protocol.short(name)}; loaded: {loaded}", "unknown_component"
+            )
         ckpt = self.store.checkpoints[name]
         residents = {r.id for a, r in self.store.addresses.items() if a.startswith(name + "/")}
-        holders = {p.pid: p for rid in residents for p in self.leases.holders(rid)}
-        if holders and not args.get("force"):
+        holders = {p.pid: p for rid in residents for p in self.clients.holders(rid)}
+        if holders and not force:
             who = ", ".join(f"pid {p.pid} ({p.name or '?'})" for p in holders.values())
             raise WandError(f"{name} is in use by {who}; unload --force revokes", "in_use")
         dropped = {r.id for r in self.store.remove(name)}
-        for proc in self.leases.revoke(dropped):
-            self._revoked[proc.pid] = (
-                f"checkpoint {name} was unloaded with --force; its tensors are no longer "
-                "backed by the daemon"
-            )
+        why = (
+            f"checkpoint {name} was unloaded with --force; tensors already mapped stay valid, "
+            "but the daemon no longer serves them"
+        )
+        for proc in self.clients.revoke(dropped, why):
             log.warning(
                 "revoked leases of pid %d (%s) on %s",
                 proc.pid,
@@ -326,10 +495,12 @@ class Server:
         return {"name": name, "revoked": sorted(holders)}
 
     def _logs(self, peer: Peer, args: dict) -> dict:
-        since, limit = args.get("since", 0), args.get("limit", 200)
-        if not isinstance(since, int) or not isinstance(limit, int) or limit < 1:
-            raise WandError("logs takes integer 'since' and positive 'limit'", "bad_args")
-        return {"records": self.logs.since(since, min(limit, 2000))}
+        since = protocol.number(args, "since", 0, 0, 2**63 - 1)
+        limit = protocol.number(args, "limit", 200, 1, 2000)
+        return {"records": self.logs.since(since, limit)}
+
+
+_LATER = object()  # what a deferred operation returns on the serving thread
 
 
 def _checkpoint_info(ckpt: Checkpoint) -> dict[str, Any]:
@@ -347,24 +518,26 @@ def _checkpoint_info(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
-def _gpus(store: Store) -> list[dict[str, Any]]:
+def _gpus(store: Store, residents: list[Resident]) -> list[dict[str, Any]]:
     """Per GPU with residents: identity, the bytes each resident's slab holds there, and the
     device's free/total memory as the driver reports it (all processes included)."""
     gpus: dict[str, dict[str, Any]] = {}
-    for r in store.residents.values():
+    for r in residents:
         d = r.device
         if d.uuid is None:
             continue
         g = gpus.setdefault(d.uuid, {"uuid": d.uuid, "index": d.index, "device": d.name})
         g.setdefault("name", d.model)
         names = [a for a, held in store.addresses.items() if held is r]
+        slab = r.slab
         g.setdefault("residents", []).append(
             {
                 "resident": r.id,
                 "component": r.spec.name,
                 "names": names,
-                "bytes": r.slab.nbytes if r.slab else 0,
+                "bytes": slab.nbytes if slab else 0,
                 "state": r.state,
+                "read_only": getattr(slab, "read_only", None),
             }
         )
     for g in gpus.values():
@@ -374,11 +547,11 @@ def _gpus(store: Store) -> list[dict[str, Any]]:
 
 
 def _memory(index: int) -> tuple[int | None, int | None]:
-    import torch
+    from wand import cuda
 
     try:
-        return torch.cuda.mem_get_info(index)
-    except RuntimeError:
+        return cuda.memory_info(index)
+    except WandError:
         return None, None
 
 
@@ -389,20 +562,54 @@ def _credentials(frame: zmq.Frame) -> tuple[int, int | None]:
     except zmq.ZMQError:
         return -1, None
     parts = addr.split(":") if isinstance(addr, str) else []
-    if len(parts) == 4 and parts[0] == "localhost":
+    if len(parts) == 4 and parts[0] == "localhost" and parts[1].isdigit() and parts[3].isdigit():
         return int(parts[1]), int(parts[3])
     return -1, None
 
 
-def _claim_socket_path(path: Path, endpoint: str) -> None:
-    """Refuse to take over a live daemon's socket; remove one a dead daemon left behind."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        return
+def _claim(path: Path, endpoint: str) -> None:
+    """Make ``path``'s directory safe to listen in, and the path free: refuse a directory
+    another user owns or may write to, refuse a live socket, remove a stale one."""
+    _safe_directory(path.parent)
     try:
-        Client(endpoint, timeout=1.0, name="wand-probe").close()
-    except WandError:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise WandError(f"{path} exists and is not a socket; refusing to replace it", "config")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
         log.info("removing stale socket %s", path)
         path.unlink(missing_ok=True)
         return
+    except OSError as e:
+        raise WandError(f"cannot check {path}: {e.strerror}", "config") from None
+    finally:
+        probe.close()
     raise WandError(f"another wand daemon is already serving at {endpoint}", "forbidden")
+
+
+def _safe_directory(folder: Path) -> None:
+    """The socket directory: created 0755 if missing (whatever the umask), else required to be
+    owned by root or this user and writable by no one else."""
+    if not folder.exists():
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        for p in reversed(missing):
+            os.mkdir(p, 0o755)
+            os.chmod(p, 0o755)
+        return
+    st = os.stat(folder)
+    if st.st_uid not in (0, os.geteuid()):
+        raise WandError(
+            f"socket directory {folder} belongs to uid {st.st_uid}, not to root or this "
+            f"daemon's user (uid {os.geteuid()}); refusing to listen there",
+            "config",
+        )
+    if st.st_mode & 0o022:
+        raise WandError(
+            f"socket directory {folder} is writable by others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); refusing to listen there",
+            "config",
+        )

@@ -1,17 +1,15 @@
 """Filling a GPU slab at the speed of the hardware, with no full copy in host RAM.
 
-A load is planned as chunks: byte ranges of one source (a file, or one in-memory tensor)
-of at most ``capacity`` bytes, each holding pieces of one or more tensors; a tensor larger
-than a chunk is split at element boundaries. Reader threads fill a small ring of pinned
-staging buffers, allocated once per load, with positional reads (``os.preadv``) of whole
-chunks; each filled buffer is copied to a GPU scratch buffer asynchronously on a dedicated
-stream, and the pieces are copied (or cast, e.g. float32 on disk to bfloat16 resident) from
-there into the slab by the GPU. A CUDA event per buffer says when its upload is done, so
-the next read into it overlaps the copies of the others.
-
-Safetensors files are read by file offset. Tensors of ``.pth`` files lie inside a zip
-archive: they come from ``torch.load(mmap=True)`` maps and are copied from those maps into
-the staging buffers (a memory copy instead of a read; no full host copy either way).
+A load is planned as chunks: byte ranges of one file of at most ``capacity`` bytes, each
+holding pieces of one or more tensors; a tensor larger than a chunk is split at element
+boundaries. Reader threads fill a ring of pinned staging buffers, allocated once per load,
+with positional reads (``os.preadv``) of whole chunks, :data:`DEPTH` reads in flight. Each
+filled buffer goes to the GPU asynchronously on a dedicated stream: pieces whose dtype does
+not change are uploaded straight into their place in the slab; the others are uploaded to a
+GPU scratch buffer and cast from there (e.g. float32 on disk to bfloat16 resident) by the
+GPU. A CUDA event per buffer says when its uploads are done, so the next read into it
+overlaps the copies of the others. Both formats are read by file offset (for ``.pth`` files,
+the offsets of the tensors' bytes inside the uncompressed zip archive).
 
 :func:`plan` is pure arithmetic. :func:`fill` also runs on a CPU tensor (no pinning, no
 stream, the staging buffer is the scratch), which is how its logic is tested without a GPU.
@@ -21,26 +19,27 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from wand.errors import CheckpointError
-from wand.loader import Progress, open_files, source_info
+from wand.files import open_regular, read_into
+from wand.loader import Cancelled, Progress, open_files, single_threaded, source_info
 from wand.manifest import DTYPES
 from wand.spec import ComponentSpec
 
 CHUNK_BYTES = 32 << 20  # one staging buffer: a large DMA, a read a thread does in a few ms
-DEPTH = 8  # staging buffers: reads in flight while the copy engine drains the others
+DEPTH = 12  # staging buffers: reads in flight while the copy engine drains the others
 
 
 @dataclass(frozen=True)
 class Read:
     """One tensor's bytes in its source."""
 
-    source: int  # index of the file (or in-memory tensor) they come from
+    source: int  # index of the file they come from
     offset: int  # where they start in that source
     nbytes: int
     itemsize: int  # a split tensor is split between whole elements
@@ -108,32 +107,13 @@ class Target:
 class FileSource:
     def __init__(self, path: os.PathLike) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
+        self.fd = open_regular(path)
 
     def read(self, out: torch.Tensor, offset: int) -> None:
-        buf = memoryview(out.numpy())
-        while buf:
-            n = os.preadv(self.fd, [buf], offset)
-            if n == 0:
-                raise CheckpointError(f"{self.path}: truncated at byte {offset}")
-            buf, offset = buf[n:], offset + n
+        read_into(self.fd, memoryview(out.numpy()), offset, self.path)
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-class MemorySource:
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.bytes = tensor.reshape(-1).view(torch.uint8)
-
-    def read(self, out: torch.Tensor, offset: int) -> None:
-        out.copy_(self.bytes[offset : offset + out.numel()])
-
-    def close(self) -> None:
-        pass
-
-
-Source = FileSource | MemorySource
 
 
 def fill(
@@ -141,20 +121,21 @@ def fill(
     spec: ComponentSpec,
     rows: list[list],
     progress: Progress = lambda n: None,
+    cancelled: Callable[[], bool] = lambda: False,
     workers: int | None = None,
     capacity: int = CHUNK_BYTES,
     depth: int = DEPTH,
 ) -> None:
     """Copy every tensor of ``spec`` into ``flat`` (a GPU slab) at the offsets of ``rows``,
     casting to the resident dtypes on the device; returns when the bytes are in place."""
-    sources: list[Source] = []
+    sources: list[FileSource] = []
     try:
         reads, targets = _inputs(flat, spec, rows, sources)
         chunks = plan(reads, capacity)
         if chunks:
             ring = Ring(flat.device, max(c.nbytes for c in chunks), min(depth, len(chunks)))
             with ring.device_scope():
-                _pipeline(ring, chunks, sources, targets, progress, workers)
+                _pipeline(ring, chunks, sources, targets, progress, cancelled, workers)
     finally:
         for s in sources:
             s.close()
@@ -163,9 +144,10 @@ def fill(
 def _pipeline(
     ring: Ring,
     chunks: list[Chunk],
-    sources: list[Source],
+    sources: list[FileSource],
     targets: list[Target],
     progress: Progress,
+    cancelled: Callable[[], bool],
     workers: int | None,
 ) -> None:
     def read(i: int) -> None:
@@ -174,10 +156,14 @@ def _pipeline(
             ring.host[i % ring.depth][: chunks[i].nbytes], chunks[i].offset
         )
 
-    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+    with ThreadPoolExecutor(workers or os.cpu_count(), initializer=single_threaded) as pool:
         pending = deque(pool.submit(read, i) for i in range(ring.depth))
         for i, chunk in enumerate(chunks):
             pending.popleft().result()
+            if cancelled():
+                for p in pending:
+                    p.cancel()
+                raise Cancelled("unloaded while loading")
             progress(ring.upload(i % ring.depth, chunk, targets))
             if i + ring.depth < len(chunks):
                 pending.append(pool.submit(read, i + ring.depth))
@@ -207,14 +193,21 @@ class Ring:
             self.uploaded[slot].synchronize()
 
     def upload(self, slot: int, chunk: Chunk, targets: list[Target]) -> int:
-        """Enqueue buffer ``slot`` → slab for ``chunk``; returns the slab bytes it writes."""
+        """Enqueue buffer ``slot`` → slab for ``chunk``; returns the slab bytes it writes.
+        Pieces that keep their dtype go from the pinned buffer straight into the slab."""
         staged = self.host[slot][: chunk.nbytes]
         if not self.cuda:
             return _place(staged, chunk, targets)
+        direct = [p for p in chunk.pieces if targets[p.read].src == targets[p.read].dst]
+        cast = [p for p in chunk.pieces if targets[p.read].src != targets[p.read].dst]
         with torch.cuda.stream(self.stream):
-            self.scratch[: chunk.nbytes].copy_(staged, non_blocking=True)
+            written = _place(staged, Chunk(chunk.source, chunk.offset, 0, direct), targets)
+            if cast:
+                end = max(p.at + p.nbytes for p in cast)
+                self.scratch[:end].copy_(staged[:end], non_blocking=True)
+                written += _place(self.scratch[:end], Chunk(0, 0, 0, cast), targets)
             self.uploaded[slot].record(self.stream)
-            return _place(self.scratch[: chunk.nbytes], chunk, targets)
+        return written
 
     def finish(self) -> None:
         if self.cuda:
@@ -227,7 +220,7 @@ def _place(staged: torch.Tensor, chunk: Chunk, targets: list[Target]) -> int:
     for p in chunk.pieces:
         src, t = staged[p.at : p.at + p.nbytes], targets[p.read]
         if t.src == t.dst:
-            t.bytes[p.start : p.start + p.nbytes].copy_(src)
+            t.bytes[p.start : p.start + p.nbytes].copy_(src, non_blocking=True)
             written += p.nbytes
             continue
         first = p.start // t.src.itemsize
@@ -240,27 +233,20 @@ def _place(staged: torch.Tensor, chunk: Chunk, targets: list[Target]) -> int:
 
 
 def _inputs(
-    flat: torch.Tensor, spec: ComponentSpec, rows: list[list], sources: list[Source]
+    flat: torch.Tensor, spec: ComponentSpec, rows: list[list], sources: list[FileSource]
 ) -> tuple[list[Read], list[Target]]:
-    """Reads and targets; appends to ``sources`` (one per safetensors file, one per tensor
-    of a .pth file)."""
+    """Reads and targets; appends to ``sources`` (one per file)."""
     files = open_files(spec)
     by_path: dict = {}
     reads, targets = [], []
     for t, (_, dtype, _, _, offset) in zip(spec.tensors, rows, strict=True):
         f = files[t.file]
         info = source_info(f, t)
-        at = f.offset(t.key)
-        if at is None:
-            sources.append(MemorySource(f.tensor(t.key)))
-            index, at = len(sources) - 1, 0
-        else:
-            if t.file not in by_path:
-                sources.append(FileSource(t.file))
-                by_path[t.file] = len(sources) - 1
-            index = by_path[t.file]
+        if t.file not in by_path:
+            sources.append(FileSource(t.file))
+            by_path[t.file] = len(sources) - 1
         dst = DTYPES[dtype]
         size = info.nbytes // info.dtype.itemsize * dst.itemsize
-        reads.append(Read(index, at, info.nbytes, info.dtype.itemsize))
+        reads.append(Read(by_path[t.file], f.offset(t.key), info.nbytes, info.dtype.itemsize))
         targets.append(Target(flat[offset : offset + size], info.dtype, dst))
     return reads, targets

@@ -4,7 +4,12 @@ It is model-agnostic: it loads whatever a :class:`~wand.spec.CheckpointSpec` nam
 Components are addressed ``<checkpoint>/<component>``; a bare component name is accepted
 while it is unambiguous. An address points at a :class:`Resident` (one slab); identical
 components of different checkpoints point at the same one. A resident no address points at
-is *retired*: it is freed once no lease holds it.
+(and none waits for) is *retired*: the daemon lets go of it once no lease holds it.
+
+Residents are ``queued`` → ``loading`` → ``ready`` | ``failed``, or ``ready`` at once when
+adopted from systemd's fd store. Only the loader thread makes and fills slabs; a resident
+retired while queued is never loaded, and one retired while loading is cancelled and freed
+by the loader itself, so nothing frees memory the loader is writing and nothing leaks.
 """
 
 from __future__ import annotations
@@ -12,28 +17,29 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import queue
+import secrets
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from wand import identity, loader, manifest, placement, staging
+from wand import identity, manifest, placement, slabs
 from wand.config import CheckpointConfig
 from wand.errors import WandError
-from wand.gpuslab import CudaSlab
+from wand.fdstore import RECORD_VERSION, FdStore, Stored
+from wand.loader import Cancelled
 from wand.placement import Device
-from wand.slab import ShmSlab
+from wand.slabs import Slab
 from wand.spec import CheckpointSpec, ComponentSpec
 
 log = logging.getLogger("wand.store")
 _ids = itertools.count(1)
 
 
-@dataclass
+@dataclass(eq=False)  # a resident is itself: compared and hashed by identity
 class Resident:
     """One component's tensors in one slab."""
 
@@ -41,12 +47,15 @@ class Resident:
     device: Device
     key: tuple  # identity.shape_key
     stamp: tuple  # identity.stamp: the file versions it was loaded from
+    keys: set[str]  # identity.adoption_key of every address it serves
     id: int = field(default_factory=lambda: next(_ids))
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
     state: str = "queued"  # queued → loading → ready | failed
     error: str | None = None
     done_bytes: int = 0
     load_seconds: float | None = None
-    slab: ShmSlab | CudaSlab | None = None
+    adopted: bool = False  # taken over from systemd's fd store, not read from files
+    slab: Slab | None = None
     manifest: dict[str, Any] | None = None
     pending: list[str] = field(default_factory=list)  # addresses to take over once ready
 
@@ -71,8 +80,19 @@ class Resident:
             "state": self.state,
             "progress": self.done_bytes / self.nbytes if self.nbytes else 1.0,
             "load_seconds": self.load_seconds,
+            "adopted": self.adopted,
             "checksum": self.manifest["checksum"] if self.manifest else None,
             "error": self.error,
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What the fd store keeps beside the slab, for a restarted daemon to adopt it."""
+        assert self.slab is not None and self.manifest is not None
+        return {
+            "version": RECORD_VERSION,
+            "keys": sorted(self.keys),
+            "handle": self.slab.handle(),
+            "manifest": self.manifest,
         }
 
 
@@ -82,31 +102,39 @@ class Checkpoint:
     spec: CheckpointSpec
     config: CheckpointConfig
     origin: str  # "config" (from the configuration file or flags) or "runtime" (wanctl load)
+    stamps: dict[str, tuple] = field(default_factory=dict)  # component → its files' versions
+
+    def __post_init__(self) -> None:
+        if not self.stamps:
+            self.stamps = {n: identity.stamp(c) for n, c in self.spec.components.items()}
 
 
 class Store:
-    def __init__(self) -> None:
+    def __init__(self, fdstore: FdStore | None = None, stored: dict[str, Stored] | None = None):
         self.checkpoints: dict[str, Checkpoint] = {}
         self.addresses: dict[str, Resident] = {}
         self.residents: dict[int, Resident] = {}
-        self.queue: queue.Queue[Resident] = queue.Queue()
+        self.queue: queue.Queue[Resident | None] = queue.Queue()
         self.lock = threading.RLock()
+        self.fdstore = fdstore
+        self.stored = stored or {}  # slabs systemd handed back, not yet adopted
+        self.closing = False
 
     # --- what is held ---------------------------------------------------------------------
 
     def add(self, ckpt: Checkpoint) -> list[Resident]:
-        """Expose ``ckpt``'s components; each gets a queued resident (which the loader may
-        find to be a twin of one already held, see :meth:`load`)."""
+        """Expose ``ckpt``'s components: each gets a stored slab that matches it, or a queued
+        resident (which the loader may find to be a twin of one already held)."""
         with self.lock:
             if ckpt.name in self.checkpoints:
                 raise WandError(f"a checkpoint named {ckpt.name!r} is loaded already", "bad_args")
             self.checkpoints[ckpt.name] = ckpt
-            queued = []
+            added = []
             for comp in ckpt.spec.components.values():
-                resident = self._queue(comp, ckpt)
+                resident = self._resident(comp, ckpt)
                 self.addresses[f"{ckpt.name}/{comp.name}"] = resident
-                queued.append(resident)
-            return queued
+                added.append(resident)
+            return added
 
     def replace(self, ckpt: Checkpoint) -> list[Resident]:
         """Reload: components whose files or placement changed get new residents, which take
@@ -114,20 +142,27 @@ class Store:
         with self.lock:
             old = self.checkpoints[ckpt.name]
             self.checkpoints[ckpt.name] = ckpt
-            queued = []
+            changed = []
             for comp in ckpt.spec.components.values():
                 addr = f"{ckpt.name}/{comp.name}"
                 current = self.addresses.get(addr)
                 key = identity.shape_key(comp, _device(ckpt.config, comp.name).name)
-                if current and current.key == key and current.stamp == identity.stamp(comp):
+                if (
+                    current
+                    and current.key == key
+                    and old.stamps.get(comp.name) == (ckpt.stamps[comp.name])
+                ):
                     continue
-                resident = self._queue(comp, ckpt)
-                resident.pending.append(addr)
-                self.addresses.setdefault(addr, resident)
-                queued.append(resident)
+                resident = self._resident(comp, ckpt)
+                if resident.state == "ready":
+                    self.addresses[addr] = resident
+                else:
+                    resident.pending.append(addr)
+                    self.addresses.setdefault(addr, resident)
+                changed.append(resident)
             for comp in set(old.spec.components) - set(ckpt.spec.components):
                 self.addresses.pop(f"{ckpt.name}/{comp}", None)
-            return queued
+            return changed
 
     def remove(self, name: str) -> list[Resident]:
         """Stop exposing checkpoint ``name``; returns the residents it alone used."""
@@ -138,27 +173,24 @@ class Store:
                     f"no checkpoint {name!r}; loaded: {self._names()}", "unknown_component"
                 )
             dropped = [self.addresses.pop(f"{name}/{c}") for c in ckpt.spec.components]
-            return [r for r in dropped if r not in self.addresses.values()]
+            for r in self.residents.values():
+                r.pending = [a for a in r.pending if self._still_wanted(a)]
+            return [r for r in dropped if not self._wanted(r)]
 
     def retired(self) -> list[Resident]:
-        """Residents no address points at (and that are not waiting to take one over)."""
+        """Residents no address points at and none waits for."""
         with self.lock:
-            live = {r.id for r in self.addresses.values()}
-            return [r for r in self.residents.values() if r.id not in live and not r.pending]
+            return [r for r in self.residents.values() if not self._wanted(r)]
 
     def free(self, resident: Resident) -> None:
+        """Let go of a retired resident that is not being loaded (the serving thread's part;
+        the loader frees what it was loading itself)."""
         with self.lock:
+            if resident.state in ("queued", "loading"):
+                return
             self.residents.pop(resident.id, None)
-            if resident.slab:
-                resident.slab.free()
-                resident.slab = None
-            log.info(
-                "freed %s (resident %d)", resident.spec.name, resident.id, extra=fields(resident)
-            )
-
-    def free_all(self) -> None:
-        for resident in list(self.residents.values()):
-            self.free(resident)
+        self._release(resident)
+        log.info("freed %s (resident %d)", resident.spec.name, resident.id, extra=fields(resident))
 
     def resolve(self, name: Any) -> tuple[str, Resident]:
         """An address, or a bare component name while unambiguous → (address, resident)."""
@@ -172,83 +204,136 @@ class Store:
                 return matches[0], self.addresses[matches[0]]
             if matches:
                 raise WandError(
-                    f"{name!r} is in several checkpoints; say which: {', '.join(matches)}",
+                    f"{name[:200]!r} is in several checkpoints; say which: {', '.join(matches)}",
                     "ambiguous_component",
                 )
             known = ", ".join(self.addresses) or "none"
-            raise WandError(f"no component {name!r}; loaded: {known}", "unknown_component")
+            raise WandError(f"no component {name[:200]!r}; loaded: {known}", "unknown_component")
 
     def busy(self) -> bool:
         with self.lock:
             return any(r.state in ("queued", "loading") for r in self.residents.values())
 
-    # --- loading --------------------------------------------------------------------------
+    def discard_stored(self) -> None:
+        """Close the stored slabs no configured component adopted."""
+        for token, stored in list(self.stored.items()):
+            log.info("stored slab %s matches nothing configured: closed", token)
+            stored.close()
+            if self.fdstore is not None:
+                self.fdstore.adopted(token)
+                self.fdstore.remove(token)
+        self.stored.clear()
+
+    def close(self) -> None:
+        """At daemon stop: cancel loading and wake the loader so it ends."""
+        self.closing = True
+        self.queue.put(None)
+
+    # --- loading (the loader thread) -------------------------------------------------------
 
     def load(self, resident: Resident) -> None:
-        """Fill ``resident``'s slab (on the loader thread); failures mark it failed.
+        """Fill ``resident``'s slab; failures mark it failed (and raise), a resident retired
+        meanwhile is dropped.
 
         A resident whose bytes another one already holds is not loaded: its addresses go to
         that twin (the T5 and VAE files of t2v-A14B and i2v-A14B are the same, for example).
         """
+        if self._drop_if_unwanted(resident):
+            return
         twin = self._twin(resident)
         if twin is not None:
             self._merge(resident, twin)
             return
         resident.state = "loading"
         start = time.perf_counter()
-        rows, nbytes = manifest.layout(resident.spec)
         try:
-            checksum = self._fill(resident, rows, nbytes)
+            self._fill(resident)
+        except Cancelled:
+            self._cancelled(resident)
+            return
         except Exception as e:
             self._failed(resident, e)
             raise
-        resident.manifest = manifest.manifest(resident.spec, rows, nbytes, checksum=checksum)
         resident.load_seconds = time.perf_counter() - start
+        self._ready(resident)
+        log.info(
+            "%s ready (resident %d): %d tensors, %.1f MB in %.2f s",
+            resident.spec.name,
+            resident.id,
+            len(resident.spec.tensors),
+            resident.nbytes / 1e6,
+            resident.load_seconds,
+            extra=fields(resident),
+        )
+
+    def _fill(self, resident: Resident) -> None:
+        """Make the slab, fill and seal it. A stop or an unload cancels at the next tensor."""
+        rows, nbytes = manifest.layout(resident.spec)
+        label = f"{resident.id}-{resident.spec.name}"
+        resident.slab = slabs.create(label, nbytes, resident.device, resident.token)
+        checksum = resident.slab.fill(
+            resident.spec,
+            rows,
+            progress=lambda n: _progress(resident, n),
+            cancelled=lambda: self.closing or not self._wanted(resident),
+        )
+        resident.slab.seal()
+        resident.manifest = manifest.manifest(resident.spec, rows, nbytes, checksum=checksum)
+
+    def _ready(self, resident: Resident) -> None:
         with self.lock:
             resident.state = "ready"
             for addr in resident.pending:
                 if self._still_wanted(addr):
                     self.addresses[addr] = resident
             resident.pending.clear()
-        log.info(
-            "%s ready (resident %d): %d tensors, %.1f MB in %.2f s",
-            resident.spec.name,
-            resident.id,
-            len(rows),
-            nbytes / 1e6,
-            resident.load_seconds,
-            extra=fields(resident),
-        )
+        self._store(resident)
 
-    def _fill(self, resident: Resident, rows: list[list], nbytes: int) -> str:
-        """Make the slab (registered at once, so a stop frees it), fill and seal it; return
-        the checksum. GPU slabs are filled through pinned staging and digested on the GPU."""
-        label = f"{resident.id}-{resident.spec.name}"
-        spec, progress = resident.spec, lambda n: _progress(resident, n)
-        if resident.device.uuid is None:
-            slab = resident.slab = ShmSlab(label, nbytes)
-            digests = loader.fill(slab.flat, spec, rows, progress)
-            slab.seal()
-            return manifest.checksum(digests)
-        gpu = resident.slab = CudaSlab(label, nbytes, resident.device)
-        staging.fill(gpu.flat, spec, rows, progress)
-        gpu.seal()  # every byte is on the device before anyone can attach
-        digests = manifest.digests(gpu.flat, {"tensors": rows, "aliases": {}}, "sum64")
-        torch.cuda.empty_cache()  # staging scratch and digest temporaries go back
-        return manifest.checksum(digests, "sum64")
+    def _store(self, resident: Resident) -> None:
+        if self.fdstore is None or not self.fdstore.enabled or resident.slab is None:
+            return
+        fd = resident.slab.export()
+        try:
+            self.fdstore.put(resident.token, fd, resident.record())
+        finally:
+            os.close(fd)
 
     def _failed(self, resident: Resident, error: Exception) -> None:
         with self.lock:
             resident.state, resident.error = "failed", str(error)
-            if resident.slab:
-                resident.slab.free()
-                resident.slab = None
             resident.pending.clear()  # a failed reload leaves the old resident in place
+        self._release(resident)
+
+    def _cancelled(self, resident: Resident) -> None:
+        with self.lock:
+            self.residents.pop(resident.id, None)
+        self._release(resident)
+        log.info("%s: unloaded while loading, load cancelled", resident.spec.name)
+
+    def _drop_if_unwanted(self, resident: Resident) -> bool:
+        with self.lock:
+            if self._wanted(resident) and not self.closing:
+                return False
+            self.residents.pop(resident.id, None)
+        log.info("%s: unloaded before its load began", resident.spec.name)
+        return True
+
+    def _release(self, resident: Resident) -> None:
+        slab, resident.slab = resident.slab, None
+        if slab is not None:
+            slab.close()
+        if self.fdstore is not None:
+            self.fdstore.remove(resident.token)
 
     def _still_wanted(self, addr: str) -> bool:
         name, comp = addr.split("/", 1)
         ckpt = self.checkpoints.get(name)
         return ckpt is not None and comp in ckpt.spec.components
+
+    def _wanted(self, resident: Resident) -> bool:
+        return any(r is resident for r in self.addresses.values()) or any(
+            self._still_wanted(a) for a in resident.pending
+        )
 
     def _twin(self, resident: Resident) -> Resident | None:
         """A ready or loading resident with the same bytes as ``resident`` would have."""
@@ -258,10 +343,10 @@ class Store:
                 for r in self.residents.values()
                 if r is not resident and r.key == resident.key and r.state in ("ready", "loading")
             ]
-        for r in candidates:  # hashing files happens outside the lock
-            if identity.stamp(r.spec) != r.stamp:
+        for r in candidates:  # reading files happens outside the lock
+            if not r.adopted and identity.stamp(r.spec) != r.stamp:
                 continue  # its files changed since it was loaded: not the same bytes any more
-            if identity.content_key(r.spec) == identity.content_key(resident.spec):
+            if identity.same_bytes(r.spec, resident.spec):
                 return r
         return None
 
@@ -277,7 +362,11 @@ class Store:
             else:
                 twin.pending.extend(resident.pending)
             resident.pending.clear()
+            twin.keys |= resident.keys
             self.residents.pop(resident.id, None)
+        if twin.state == "ready" and self.fdstore is not None:
+            self.fdstore.remove(twin.token)  # stored again with the twin's key as well
+            self._store(twin)
         log.info(
             "%s: same bytes as resident %d, sharing it",
             resident.spec.name,
@@ -285,13 +374,46 @@ class Store:
             extra=fields(twin),
         )
 
-    def _queue(self, comp: ComponentSpec, ckpt: Checkpoint) -> Resident:
+    def _resident(self, comp: ComponentSpec, ckpt: Checkpoint) -> Resident:
+        """A resident for ``comp``: adopted from the fd store if a stored slab matches it,
+        else queued for the loader."""
         device = _device(ckpt.config, comp.name)
-        key = identity.shape_key(comp, device.name)
-        resident = Resident(comp, device, key, identity.stamp(comp))
+        key = identity.adoption_key(ckpt.spec.path, ckpt.spec.layout, comp, device.uuid or "cpu")
+        shape = identity.shape_key(comp, device.name)
+        resident = Resident(comp, device, shape, ckpt.stamps[comp.name], {key})
         self.residents[resident.id] = resident
+        stored = next((s for s in self.stored.values() if key in s.record["keys"]), None)
+        if stored is not None and self._adopt(resident, stored):
+            return resident
         self.queue.put(resident)
         return resident
+
+    def _adopt(self, resident: Resident, stored: Stored) -> bool:
+        del self.stored[stored.token]
+        record, fd = stored.record, stored.fd
+        stored.fd = -1
+        label = f"{resident.id}-{resident.spec.name}"
+        try:
+            resident.slab = slabs.adopt(label, record["handle"], fd, record["manifest"])
+        except WandError as e:
+            log.warning("stored slab %s of %s not adopted: %s", stored.token, label, e)
+            if self.fdstore is not None:
+                self.fdstore.adopted(stored.token)
+                self.fdstore.remove(stored.token)
+            return False
+        resident.token, resident.manifest = stored.token, record["manifest"]
+        resident.keys |= set(record["keys"])
+        resident.state, resident.adopted, resident.load_seconds = "ready", True, 0.0
+        if self.fdstore is not None:
+            self.fdstore.adopted(stored.token)
+        log.info(
+            "%s adopted from the fd store (resident %d, slab %s): no checkpoint bytes read",
+            resident.spec.name,
+            resident.id,
+            stored.token,
+            extra=fields(resident),
+        )
+        return True
 
     def _names(self) -> str:
         return ", ".join(self.checkpoints) or "none"

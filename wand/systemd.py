@@ -7,6 +7,7 @@ lines), and logs go to stderr.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -28,17 +29,19 @@ class Notifier:
         self.watchdog_interval = int(usec) / 2e6 if usec and mine else None
         self._last_ping = 0.0
 
-    def send(self, **fields: object) -> None:
+    def send(self, fds: list[int] | None = None, **fields: object) -> None:
+        """One notification; ``fds`` travel with it (``SCM_RIGHTS``, for ``FDSTORE=1``)."""
         if not self.socket_path:
             return
         message = "\n".join(f"{k}={v}" for k, v in fields.items())
         addr = self.socket_path
         if addr.startswith("@"):
             addr = "\0" + addr[1:]
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto(message.encode(), addr)
+            self._sock.sendmsg([message.encode()], rights, 0, addr)
         except OSError as e:
             log.warning("cannot notify systemd at %s: %s", self.socket_path, e)
 
@@ -70,31 +73,36 @@ class Notifier:
             self._last_ping = now
 
 
-def listen_fd() -> int | None:
-    """The listening socket systemd passed us (sd_listen_fds(3)), or None."""
+def listen_fds() -> list[tuple[int, str]]:
+    """The descriptors systemd passed us (sd_listen_fds_with_names(3)): sockets of socket
+    activation and the fd store's entries, each with its name; marked close-on-exec."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
-    count = int(os.environ.get("LISTEN_FDS", "0"))
+        return []
+    count = os.environ.get("LISTEN_FDS", "0")
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)  # not for our children
-    if count < 1:
-        return None
-    if count > 1:
-        log.warning("systemd passed %d sockets; using the first", count)
-    return SD_LISTEN_FDS_START
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + (int(count) if count.isdigit() else 0))
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return [(fd, names[i] if i < len(names) else "unknown") for i, fd in enumerate(fds)]
 
 
-def socket_endpoint(fd: int) -> str:
-    """The ``ipc://`` endpoint of an inherited Unix stream socket."""
-    s = socket.socket(fileno=os.dup(fd))
+def socket_address(fd: int) -> str | None:
+    """``ipc://PATH`` or ``tcp://HOST:PORT`` of an inherited listening socket; None when
+    ``fd`` is not a socket."""
     try:
-        if s.family != socket.AF_UNIX:
-            host, port = s.getsockname()[:2]
-            return f"tcp://{host}:{port}"
-        name = s.getsockname()
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    try:
+        if s.family == socket.AF_UNIX:
+            name = s.getsockname()
+            return f"ipc://{name.decode() if isinstance(name, bytes) else name}"
+        host, port = s.getsockname()[:2]
+        return f"tcp://{host}:{port}"
     finally:
         s.close()
-    return f"ipc://{name}"
 
 
 def under_journald() -> bool:

@@ -1,12 +1,16 @@
-"""Read-only access to tensors in safetensors and torch ``.pth`` files without loading them.
+"""What a safetensors or torch ``.pth`` file holds, checked, and where each tensor's bytes are.
 
-Both formats are opened through a memory map of the file, so listing keys reads only the
-header and a tensor costs nothing until its bytes are touched. Truncated files are found
-from the header alone and reported with the file and the first key that does not fit.
+Opening a file reads only its header (safetensors) or its pickle (``.pth``, with
+``weights_only=True`` and ``map_location="meta"``: no code from the file runs and no tensor
+data is read). Every entry is validated before anything trusts it: a known dtype, a
+non-negative shape, bytes that lie inside the file's data and overlap no other tensor's, a
+size equal to shape × dtype. Each problem is a :class:`CheckpointError` naming the file and
+the key. Loaders then read each tensor's bytes with positional reads at :meth:`offset`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 
 from wand.errors import CheckpointError
+from wand.files import open_regular, read_exact, read_into
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -33,6 +38,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER = 100 * 1024 * 1024
+MAX_DIMS = 16
 
 
 @dataclass(frozen=True)
@@ -46,19 +52,21 @@ class TensorInfo:
 
 
 class TensorFile:
-    """One checkpoint file: ``keys()``, ``info(key)`` and zero-copy ``tensor(key)``."""
+    """One checkpoint file: ``keys()``, ``info(key)``, ``offset(key)`` and ``read(key)``."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: file not found")
         self._infos: dict[str, TensorInfo] = {}
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._offsets: dict[str, int] = {}  # safetensors: where each tensor's bytes start
-        if self.path.name.endswith(".safetensors"):
-            self._open_safetensors()
-        else:
-            self._open_torch()
+        self._offsets: dict[str, int] = {}  # where each tensor's bytes start in the file
+        fd = open_regular(self.path)
+        try:
+            self.size = os.fstat(fd).st_size
+            if self.path.name.endswith(".safetensors"):
+                self._open_safetensors(fd)
+            else:
+                self._open_torch(fd)
+        finally:
+            os.close(fd)
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -69,78 +77,142 @@ class TensorFile:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """The tensor's bytes as they lie in the file (CPU, page-cache backed, do not write)."""
+    def offset(self, key: str) -> int:
+        """Byte offset of the tensor's (contiguous) bytes in the file."""
         self.info(key)
-        return self._tensors[key]
+        return self._offsets[key]
 
-    def offset(self, key: str) -> int | None:
-        """Byte offset of the tensor's bytes in the file (safetensors), None for .pth files,
-        whose tensors lie inside a zip archive."""
-        self.info(key)
-        return self._offsets.get(key)
+    def read(self, key: str) -> torch.Tensor:
+        """A copy of the tensor, read from the file (for tools and tests; loaders read into
+        slabs directly)."""
+        info = self.info(key)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        fd = open_regular(self.path)
+        try:
+            read_into(fd, _bytes(out), self._offsets[key], self.path, repr(key))
+        finally:
+            os.close(fd)
+        return out
 
-    def _open_safetensors(self) -> None:
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{self.path}: truncated (no safetensors header)")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > MAX_HEADER or 8 + hlen > size:
-                raise CheckpointError(f"{self.path}: truncated or corrupt safetensors header")
-            try:
-                header = json.loads(f.read(hlen))
-            except ValueError as e:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from None
+    # --- safetensors ----------------------------------------------------------------------
+
+    def _open_safetensors(self, fd: int) -> None:
+        if self.size < 8:
+            raise CheckpointError(f"{self.path}: truncated (no safetensors header)")
+        (hlen,) = struct.unpack("<Q", read_exact(fd, 0, 8, self.path))
+        if hlen > MAX_HEADER or 8 + hlen > self.size:
+            raise CheckpointError(f"{self.path}: truncated or corrupt safetensors header")
+        try:
+            header = json.loads(read_exact(fd, 8, hlen, self.path))
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: safetensors header is not a JSON object")
         header.pop("__metadata__", None)
-        base = 8 + hlen
-        storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+        base, data = 8 + hlen, self.size - 8 - hlen
+        spans = []
         for key, entry in header.items():
-            info, start, end = self._parse_entry(key, entry)
-            if base + end > size:
+            info, start, end = self._entry(key, entry)
+            if end > data:
                 raise CheckpointError(
                     f"{self.path}: truncated: tensor {key!r} ends at byte {base + end}, "
-                    f"file has {size}"
+                    f"file has {self.size}"
                 )
-            raw = flat[base + start : base + end]
-            self._infos[key] = info
-            self._offsets[key] = base + start
-            self._tensors[key] = _view(raw, info)
+            self._infos[key], self._offsets[key] = info, base + start
+            if end > start:
+                spans.append((start, end, key))
+        _no_overlap(self.path, spans)
 
-    def _parse_entry(self, key: str, entry: dict) -> tuple[TensorInfo, int, int]:
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{self.path}: bad header entry for {key!r}: {entry}") from None
+    def _entry(self, key: str, entry: object) -> tuple[TensorInfo, int, int]:
+        where = f"{self.path}: tensor {key!r}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: header entry is not an object")
+        name = entry.get("dtype")
+        dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            raise CheckpointError(f"{where}: unknown dtype {_short(name)}")
+        shape = _shape(entry.get("shape"), where)
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+            raise CheckpointError(f"{where}: data_offsets must be two integers")
+        start, end = offsets
+        if start < 0 or end < start:
+            raise CheckpointError(f"{where}: bad data_offsets [{start}, {end}]")
         info = TensorInfo(dtype, shape)
         if end - start != info.nbytes:
             raise CheckpointError(
-                f"{self.path}: tensor {key!r} spans {end - start} bytes, "
-                f"its dtype and shape need {info.nbytes}"
+                f"{where}: spans {end - start} bytes, its dtype and shape need {info.nbytes}"
             )
         return info, start, end
 
-    def _open_torch(self) -> None:
-        try:
-            sd = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors...
-            raise CheckpointError(f"{self.path}: cannot read torch checkpoint: {e}") from None
+    # --- torch .pth -----------------------------------------------------------------------
+
+    def _open_torch(self, fd: int) -> None:
+        with io.FileIO(fd, "rb", closefd=False) as f:
+            try:
+                sd = torch.load(f, map_location="meta", weights_only=True)
+            except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors...
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(
+                    f"{self.path}: cannot read torch checkpoint: {first[:300]}"
+                ) from None
         if not isinstance(sd, dict):
             raise CheckpointError(f"{self.path}: expected a state dict, found {type(sd).__name__}")
         for key, t in sd.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"{self.path}: key {_short(key)} is not a string")
             if not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{self.path}: entry {key!r} is not a tensor")
             self._infos[key] = TensorInfo(t.dtype, tuple(t.shape))
-            self._tensors[key] = t
+            self._offsets[key] = self._pth_offset(key, t)
+
+    def _pth_offset(self, key: str, t: torch.Tensor) -> int:
+        where = f"{self.path}: tensor {key!r}"
+        if t.dtype not in SAFETENSORS_DTYPES.values():
+            raise CheckpointError(f"{where}: unsupported dtype {t.dtype}")
+        if len(t.shape) > MAX_DIMS:
+            raise CheckpointError(f"{where}: {len(t.shape)} dimensions")
+        if not t.is_contiguous():
+            raise CheckpointError(f"{where}: not stored contiguously")
+        storage = t.untyped_storage()
+        base = getattr(storage, "_checkpoint_offset", None)
+        if not isinstance(base, int):
+            raise CheckpointError(f"{self.path}: legacy torch format (re-save it with torch.save)")
+        start = t.storage_offset() * t.element_size()
+        nbytes = t.numel() * t.element_size()
+        if start + nbytes > storage.nbytes():
+            raise CheckpointError(f"{where}: lies outside its storage")
+        if base + storage.nbytes() > self.size:
+            raise CheckpointError(
+                f"{self.path}: truncated: tensor {key!r} ends at byte "
+                f"{base + storage.nbytes()}, file has {self.size}"
+            )
+        return base + start
 
 
-def _view(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    if raw.storage_offset() % info.dtype.itemsize:
-        raw = raw.clone()  # unaligned data: a copy is the only way to view it
-    return raw.view(info.dtype).view(info.shape)
+def _shape(value: object, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_DIMS or not all(map(_is_int, value)):
+        raise CheckpointError(f"{where}: shape must be a list of at most {MAX_DIMS} integers")
+    if any(d < 0 for d in value):
+        raise CheckpointError(f"{where}: negative dimension in shape {value}")
+    return tuple(value)
+
+
+def _no_overlap(path: Path, spans: list[tuple[int, int, str]]) -> None:
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap in the file")
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int
+
+
+def _short(v: object) -> str:
+    text = repr(v) if isinstance(v, str | int | float | bool | None) else type(v).__name__
+    return text[:60]
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -48,10 +48,18 @@ def component_spec(
     for key, names in names_of.items():
         if key not in source:
             continue
-        info, want = source.info(key), tuple(expected[names[0]].shape)
+        info, like = source.info(key), expected[names[0]]
+        want = tuple(like.shape)
         if info.shape != want:
             found = f"{source.file(key)}: tensor {key!r} has shape {list(info.shape)}"
             problems.append(f"{found}, {names[0]} needs {list(want)}")
+            continue
+        if info.dtype.is_floating_point != like.dtype.is_floating_point:
+            kind = "floating-point" if like.dtype.is_floating_point else "integer"
+            problems.append(
+                f"{source.file(key)}: tensor {key!r} is stored as {info.dtype}, "
+                f"{names[0]} needs {kind} values ({like.dtype})"
+            )
             continue
         resident = resident_dtype(cls, module, names[0], info.dtype, dtype)
         tensors.append(

@@ -17,7 +17,7 @@ def load_state_dict(component: ComponentSpec) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for spec in component.tensors:
         f = files.setdefault(str(spec.file), TensorFile(spec.file))
-        tensor = f.tensor(spec.key).to(spec.dtype, copy=True).reshape(spec.shape)
+        tensor = f.read(spec.key).to(spec.dtype).reshape(spec.shape)
         for name in (spec.name, *spec.aliases):
             state[name] = tensor
     return state

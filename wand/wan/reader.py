@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 
 from wand.errors import CheckpointError
+from wand.files import is_dir, is_file, read_small, reason
 from wand.spec import CheckpointSpec, ComponentSpec
 from wand.wan import configs, original_names
 from wand.wan.components import component_spec
@@ -18,6 +21,7 @@ from wand.wan.sources import open_file, open_index, open_weights
 from wand.wan.tasks import (
     DEFAULT_DTYPES,
     DIFFUSERS_EXPERT_DIRS,
+    DIFFUSERS_PIPELINES,
     EXPERT_INDEX,
     T5_FILE,
     TASKS,
@@ -42,9 +46,13 @@ def read_checkpoint(
     what Wan2.2 uses); a named component wins over ``"*"``.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: not a checkpoint folder")
-    layout = "diffusers" if (root / "model_index.json").is_file() else "original"
+    try:
+        is_folder = stat.S_ISDIR(os.stat(root).st_mode)
+    except OSError as e:
+        raise CheckpointError(f"{root}: {reason(e)}") from None
+    if not is_folder:
+        raise CheckpointError(f"{root}: not a folder (a checkpoint is a folder)")
+    layout = "diffusers" if is_file(root / "model_index.json") else "original"
     detected = _detect_diffusers(root) if layout == "diffusers" else _detect_original(root)
     if task is not None and task not in TASKS:
         raise CheckpointError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
@@ -68,23 +76,24 @@ def read_checkpoint(
 
 def _json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+        data = json.loads(read_small(path))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: invalid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
 
 
 def _detect_original(root: Path) -> str:
-    if (root / "high_noise_model").is_dir():
+    if is_dir(root / "high_noise_model"):
         config = root / "high_noise_model" / "config.json"
-    elif (root / "config.json").is_file():
+    elif is_file(root / "config.json"):
         config = root / "config.json"
     else:
-        raise CheckpointError(f"{root}: no model_index.json, high_noise_model/ or config.json")
+        raise CheckpointError(
+            f"{root}: not a Wan2.2 checkpoint (no model_index.json, high_noise_model/ "
+            "or config.json)"
+        )
     model_type = _json(config).get("model_type")
     for name, info in TASKS.items():
         if info.model_type == model_type and (len(info.experts) == 2) == (config.parent != root):
@@ -94,7 +103,13 @@ def _detect_original(root: Path) -> str:
 
 def _detect_diffusers(root: Path) -> str:
     index = _json(root / "model_index.json")
-    two = (index.get("transformer_2") or [None])[0] is not None
+    pipeline = index.get("_class_name")
+    if pipeline not in DIFFUSERS_PIPELINES:
+        raise CheckpointError(
+            f"{root}: not a Wan2.2 pipeline (model_index.json names "
+            f"{str(pipeline)[:80]!r}, not one of {', '.join(DIFFUSERS_PIPELINES)})"
+        )
+    two = (_list_or_none(index.get("transformer_2")) or [None])[0] is not None
     in_channels = _json(root / "transformer" / "config.json").get("in_channels")
     for name, info in TASKS.items():
         if (len(info.experts) == 2) == two and info.in_channels == in_channels:
@@ -194,4 +209,8 @@ def _extras(info: Task, scheduler: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tokenizer(folder: Path) -> Path | None:
-    return folder if folder.is_dir() else None
+    return folder if is_dir(folder) else None
+
+
+def _list_or_none(value: Any) -> list | None:
+    return value if isinstance(value, list) else None

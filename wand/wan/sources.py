@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from wand.errors import CheckpointError
+from wand.files import is_file, read_small
 from wand.tensorfile import TensorFile, TensorInfo
 
 
@@ -46,7 +47,7 @@ def open_index(index: Path) -> Source:
     for key, shard in weight_map.items():
         if shard not in shards:
             path = index.parent / shard
-            if not path.is_file():
+            if not is_file(path):
                 raise CheckpointError(f"{index}: shard {shard!r} (holding {key!r}) is missing")
             shards[shard] = TensorFile(path)
         if key not in shards[shard].keys():
@@ -57,19 +58,17 @@ def open_index(index: Path) -> Source:
 
 def open_weights(folder: Path, index_name: str, single_name: str) -> Source:
     """A diffusers/transformers weights folder: sharded with an index, or one file."""
-    if (folder / index_name).is_file():
+    if is_file(folder / index_name):
         return open_index(folder / index_name)
-    if (folder / single_name).is_file():
+    if is_file(folder / single_name):
         return open_file(folder / single_name)
     raise CheckpointError(f"{folder}: neither {index_name} nor {single_name} found")
 
 
 def _weight_map(index: Path) -> dict[str, str]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{index}: file not found") from None
-    except (ValueError, KeyError, TypeError) as e:
+        weight_map = json.loads(read_small(index))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not a shard index: {e}") from None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

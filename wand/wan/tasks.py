@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 LAYOUTS = ("original", "diffusers")
+DIFFUSERS_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")  # model_index _class_name
 
 TRANSFORMER = "diffusers:WanTransformer3DModel"
 VAE = "diffusers:AutoencoderKLWan"

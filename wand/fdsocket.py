@@ -1,0 +1,170 @@
+"""The fd socket: where a client holding a lease fetches its slab's file descriptor.
+
+ZeroMQ cannot carry file descriptors, so beside the ZeroMQ endpoint ``…/wand.sock`` the daemon
+listens on a plain Unix stream socket ``…/wand.fds.sock`` (same directory, same mode and
+group). An attach reply carries a one-time ticket; the client connects, sends
+``WAND1 <ticket>\\n``, and gets back one msgpack map and, on success, the descriptor
+(``SCM_RIGHTS``). The daemon checks the ticket against the kernel's credentials of the
+connection (``SO_PEERCRED``): only the process the ticket was issued to gets the descriptor.
+
+The daemon side never blocks: connections are non-blocking, read in the serving loop, and
+dropped if they have not sent a ticket within a few seconds or there are too many of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from wand.errors import DaemonError, WandError
+
+log = logging.getLogger("wand.fdsocket")
+SUFFIX = ".fds.sock"
+MAGIC = b"WAND1 "
+MAX_LINE = 128
+MAX_CONNECTIONS = 256
+CONNECTION_SECONDS = 5.0
+
+# (pid, uid, ticket) → (descriptor to send or None, reply); the server closes the descriptor
+Redeem = Callable[[int, int, str], tuple[int | None, dict[str, Any]]]
+
+
+def fd_socket_path(zmq_socket: Path) -> Path:
+    """``/run/wand/wand.sock`` → ``/run/wand/wand.fds.sock``."""
+    return zmq_socket.with_name(zmq_socket.name.removesuffix(".sock") + SUFFIX)
+
+
+class FdServer:
+    """The daemon's side: a listening socket and the connections it has accepted."""
+
+    def __init__(self, sock: socket.socket, redeem: Redeem) -> None:
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.redeem = redeem
+        self._conns: dict[int, _Conn] = {}
+
+    @classmethod
+    def bind(cls, path: Path, redeem: Redeem, mode: int = 0o660) -> FdServer:
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o777 & ~mode)  # created with the right mode: no window
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        return cls(sock, redeem)
+
+    def fds(self) -> list[int]:
+        """Descriptors the serving loop polls for input: the listener and each connection."""
+        return [self.sock.fileno(), *self._conns]
+
+    def ready(self, fd: int) -> None:
+        """Input on ``fd`` (the listener or a connection)."""
+        if fd == self.sock.fileno():
+            self._accept()
+        elif fd in self._conns:
+            self._read(self._conns[fd])
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self._conns.values() if c.deadline < now]:
+            self._drop(conn)
+
+    def close(self) -> None:
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        self.sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(16):  # a few per wake-up; the rest wait in the backlog
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: try again later
+                log.warning("fd socket: accept failed: %s", e)
+                return
+            if len(self._conns) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = _Conn(sock, time.monotonic() + CONNECTION_SECONDS)
+            self._conns[sock.fileno()] = conn
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(MAX_LINE + 1 - len(conn.buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.buf += data
+        if not data or len(conn.buf) > MAX_LINE:
+            self._drop(conn)
+        elif conn.buf.endswith(b"\n"):
+            self._answer(conn)
+
+    def _answer(self, conn: _Conn) -> None:
+        fd = None
+        try:
+            line = conn.buf.rstrip(b"\n")
+            if not line.startswith(MAGIC):
+                raise WandError("expected 'WAND1 <ticket>'", "bad_message")
+            pid, uid, _ = struct.unpack(
+                "3i", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
+            fd, reply = self.redeem(pid, uid, line[len(MAGIC) :].decode("ascii", "replace"))
+        except WandError as e:
+            reply = {"ok": False, "error": {"code": e.code, "message": str(e)}}
+        try:
+            fds = [fd] if fd is not None else []
+            socket.send_fds(conn.sock, [msgpack.packb(reply)], fds)
+        except OSError as e:  # the client went away, or will not read: its loss
+            log.debug("fd socket: reply not delivered: %s", e)
+        finally:
+            if fd is not None:
+                os.close(fd)
+            self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        self._conns.pop(conn.sock.fileno(), None)
+        conn.sock.close()
+
+
+class _Conn:
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.deadline, self.buf = sock, deadline, b""
+
+
+def fetch(path: Path, ticket: str, timeout: float) -> int:
+    """The client's side: redeem ``ticket`` at the fd socket ``path`` for a descriptor."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+            sock.sendall(MAGIC + ticket.encode("ascii") + b"\n")
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1, socket.MSG_CMSG_CLOEXEC)
+        except OSError as e:
+            raise DaemonError(f"cannot fetch the slab at {path}: {e}", "unreachable") from None
+    finally:
+        sock.close()
+    try:
+        reply = msgpack.unpackb(data)
+        if reply.get("ok") and len(fds) == 1:
+            return fds[0]
+        err = reply.get("error") or {"code": "internal", "message": "no descriptor came"}
+    except Exception:
+        err = {"code": "bad_message", "message": "the fd socket sent garbage"}
+    for fd in fds:
+        os.close(fd)
+    raise DaemonError(err["message"], err["code"])

@@ -1,0 +1,128 @@
+"""Keeping slabs in systemd's file descriptor store, so a restarted daemon need not reload.
+
+Under systemd (``FileDescriptorStoreMax=`` in the unit), every ready slab's descriptor goes
+to the store (``FDSTORE=1``, ``FDNAME=wand-slab-<token>``) together with a small sealed memfd
+holding its record (``wand-record-<token>``): the slab's handle, its manifest, and the key
+of what it was loaded from (checkpoint path, files' size and mtime, component, dtypes,
+device, layout). ``FDSTOREREMOVE=1`` takes both out when the slab is freed. systemd keeps
+them across a restart or a crash with ``Restart=`` and passes them back with the sockets
+(``LISTEN_FDS``/``LISTEN_FDNAMES``); the new daemon adopts the slabs whose keys match what
+its configuration asks for and closes the others.
+
+The daemon may use the store when ``$FDSTORE`` (systemd ≥ 254) or ``$WAND_FDSTORE`` (set by
+the units for older systemd) is a positive number, and it runs under a notify socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from wand.slabs.memfd import seal_bytes, unseal_bytes
+from wand.systemd import Notifier
+
+log = logging.getLogger("wand.fdstore")
+SLAB, RECORD = "wand-slab-", "wand-record-"
+RECORD_VERSION = 1
+
+
+@dataclass
+class Stored:
+    """A slab systemd handed back: its descriptor and its record."""
+
+    token: str
+    fd: int
+    record: dict[str, Any]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def capacity() -> int:
+    for var in ("FDSTORE", "WAND_FDSTORE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
+class FdStore:
+    """The daemon's use of the store: put slabs in, take them out."""
+
+    def __init__(self, notifier: Notifier, size: int | None = None) -> None:
+        self.notifier = notifier
+        self.size = capacity() if size is None else size
+        self.enabled = bool(self.size and notifier.socket_path)
+        self._held: set[str] = set()  # tokens in the store
+
+    def put(self, token: str, slab_fd: int, record: dict[str, Any]) -> bool:
+        """Store a slab and its record (the store dups both; the caller keeps its own)."""
+        if not self.enabled or token in self._held:
+            return False
+        if 2 * (len(self._held) + 1) > self.size:
+            log.warning("fd store full (%d descriptors): slab %s is not kept", self.size, token)
+            return False
+        record_fd = seal_bytes(f"wand-record:{token}", msgpack.packb(record))
+        try:
+            self.notifier.send(FDSTORE=1, FDNAME=RECORD + token, fds=[record_fd])
+            self.notifier.send(FDSTORE=1, FDNAME=SLAB + token, fds=[slab_fd])
+        finally:
+            os.close(record_fd)
+        self._held.add(token)
+        return True
+
+    def adopted(self, token: str) -> None:
+        """A slab that came back from the store is in it still."""
+        self._held.add(token)
+
+    def remove(self, token: str) -> None:
+        if token in self._held:
+            self._held.discard(token)
+            self.notifier.send(FDSTOREREMOVE=1, FDNAME=SLAB + token)
+            self.notifier.send(FDSTOREREMOVE=1, FDNAME=RECORD + token)
+
+
+def inherited(named: list[tuple[int, str]]) -> tuple[dict[str, Stored], list[int]]:
+    """Split the descriptors systemd passed into stored slabs (by token) and the rest.
+
+    A slab without a readable record, or a record without its slab, is closed.
+    """
+    slabs: dict[str, int] = {}
+    records: dict[str, dict[str, Any]] = {}
+    rest = []
+    for fd, name in named:
+        if name.startswith(SLAB):
+            slabs[name[len(SLAB) :]] = fd
+        elif name.startswith(RECORD):
+            record = _read_record(fd, name)
+            os.close(fd)
+            if record is not None:
+                records[name[len(RECORD) :]] = record
+        else:
+            rest.append(fd)
+    stored = {}
+    for token, fd in slabs.items():
+        if token in records:
+            stored[token] = Stored(token, fd, records[token])
+        else:
+            log.warning("stored slab %s came back without its record: closed", token)
+            os.close(fd)
+    return stored, rest
+
+
+def _read_record(fd: int, name: str) -> dict[str, Any] | None:
+    try:
+        record = msgpack.unpackb(unseal_bytes(fd), raw=False)
+    except Exception as e:
+        log.warning("stored record %s is unreadable (%s): dropped", name, e)
+        return None
+    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+        log.warning("stored record %s is of another version: dropped", name)
+        return None
+    return record

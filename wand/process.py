@@ -1,0 +1,36 @@
+"""A process's identity: its pid plus its start time, which a later process with the same
+pid cannot share.
+
+Clients send their start time with the requests that create or end leases; the daemon
+compares it with the start time of the live process that has that pid, so a request sent by
+a process that has since exited (and queued while its pid was given to another) is refused
+instead of being credited to the newcomer.
+"""
+
+from __future__ import annotations
+
+import os
+
+_own: tuple[int, int] | None = None  # (pid, start) of this process, recomputed after fork
+
+
+def start_time(pid: int) -> int | None:
+    """Clock ticks after boot at which ``pid`` started (``/proc/PID/stat`` field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) ": comm may hold spaces
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def own_start() -> int:
+    global _own
+    pid = os.getpid()
+    if _own is None or _own[0] != pid:
+        _own = (pid, start_time(pid) or 0)
+    return _own[1]
