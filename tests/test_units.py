@@ -276,15 +276,18 @@ def test_system_service_contract(system_root: Path, name: str) -> None:
     assert one(svc, "Service", "ProtectSystem") == "strict"
     assert one(svc, "Service", "CapabilityBoundingSet") == ""
     assert one(svc, "Service", "NoNewPrivileges") == "yes"
+    # slabs survive restarts in the fd store; systemd 252 does not set $FDSTORE itself
+    assert one(svc, "Service", "FileDescriptorStoreMax") == "4096"
+    assert "WAND_FDSTORE=4096" in " ".join(values(svc, "Service", "Environment"))
 
 
 @pytest.mark.parametrize(
     "name,listen",
-    [("wand.socket", "/run/wand/wand.sock"), ("wand@.socket", "/run/wand/%i.sock")],
+    [("wand.socket", "/run/wand/wand"), ("wand@.socket", "/run/wand/%i")],
 )
 def test_system_socket_contract(system_root: Path, name: str, listen: str) -> None:
     sock = parse(unit_dir(system_root) / name)
-    assert one(sock, "Socket", "ListenStream") == listen
+    assert values(sock, "Socket", "ListenStream") == [f"{listen}.sock", f"{listen}.fds.sock"]
     assert one(sock, "Socket", "SocketMode") == "0660"
     assert one(sock, "Socket", "SocketGroup") == "wand"
     assert one(sock, "Socket", "Accept") == "no"
@@ -294,7 +297,8 @@ def test_system_socket_contract(system_root: Path, name: str, listen: str) -> No
 def test_user_units_contract(user_root: Path) -> None:
     svc = parse(user_unit_dir(user_root) / "wand.service")
     sock = parse(user_unit_dir(user_root) / "wand.socket")
-    assert one(sock, "Socket", "ListenStream") == "%t/wand/wand.sock"
+    assert values(sock, "Socket", "ListenStream") == ["%t/wand/wand.sock", "%t/wand/wand.fds.sock"]
+    assert one(svc, "Service", "FileDescriptorStoreMax") == "4096"
     assert one(sock, "Socket", "SocketMode") == "0600"
     assert one(svc, "Service", "Type") == "notify"
     assert one(svc, "Service", "RestartPreventExitStatus") == "78"
