@@ -162,3 +162,18 @@ def big_daemon(ckpt_root: Path) -> Iterator[Daemon]:
     d = Daemon(path).wait_ready()
     yield d
     d.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_libcuda(tmp_path_factory) -> Path:
+    """Path of the fake CUDA driver (tests/fakecuda), built once per session.
+
+    Load it with ``ctypes.CDLL(path)``, or put its folder on LD_LIBRARY_PATH so that a child
+    process's ``libcuda.so.1`` is the fake. Skips when gcc or NVIDIA's cuda.h is missing.
+    """
+    from fakecuda import build
+
+    try:
+        return build.build(tmp_path_factory.mktemp("fakecuda"))
+    except build.Unavailable as e:
+        pytest.skip(f"fake CUDA driver not buildable: {e}")
