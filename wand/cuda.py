@@ -70,7 +70,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "cuDeviceGetCount": [_P(ctypes.c_int)],
     "cuDeviceGet": [_P(ctypes.c_int), ctypes.c_int],
     "cuDeviceGetAttribute": [_P(ctypes.c_int), ctypes.c_int, ctypes.c_int],
-    "cuDeviceGetUuid_v2": [ctypes.c_char * 16, ctypes.c_int],
+    "cuDeviceGetUuid_v2": [ctypes.c_ubyte * 16, ctypes.c_int],
     "cuDevicePrimaryCtxRetain": [_P(ctypes.c_void_p), ctypes.c_int],
     "cuCtxPushCurrent_v2": [ctypes.c_void_p],
     "cuCtxPopCurrent_v2": [_P(ctypes.c_void_p)],
@@ -91,7 +91,7 @@ _SIGNATURES: dict[str, list[Any]] = {
 }
 _lib: ctypes.CDLL | None = None
 _contexts: dict[int, ctypes.c_void_p] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # context() calls the driver while holding it
 
 
 def driver() -> ctypes.CDLL:
@@ -157,7 +157,7 @@ def device_count() -> int:
 
 def uuid(index: int) -> str:
     """``GPU-xxxxxxxx-…`` of device ``index``, as nvidia-smi prints it."""
-    raw = (ctypes.c_char * 16)()
+    raw = (ctypes.c_ubyte * 16)()
     call("cuDeviceGetUuid_v2", raw, _device(index))
     h = bytes(raw).hex()
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

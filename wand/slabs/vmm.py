@@ -53,21 +53,28 @@ class Mapping:
         self.token: str | None = None  # set while this process's cache hands it out
         self._pins = 0
         self._closed = False
+        mapped = False
         try:
             self.ptr = cuda.reserve(index, size)
             cuda.map_range(index, self.ptr, size, handle)
+            mapped = True
             self.read_only = _set_access(index, self.ptr, size, read_only)
         except BaseException:
-            self._teardown()
+            self.handle = 0  # the caller still owns the handle: it releases it
+            self._teardown(mapped)
             raise
 
     def pin(self, nbytes: int) -> torch.Tensor:
         """One uint8 tensor over the first ``nbytes``; the mapping lives at least as long."""
+        return torch.as_tensor(self.hold(nbytes), device=torch.device("cuda", self.index))
+
+    def hold(self, nbytes: int) -> _Pin:
+        """What :meth:`pin` wraps: an owner of the first ``nbytes``, counted until collected."""
         with _lock:
             if self._closed:
                 raise WandError("this GPU mapping is closed")
             self._pins += 1
-        return self._tensor(nbytes)
+        return self._owner(nbytes)
 
     def close(self) -> None:
         """No new pins; unmapped once the last one is gone (now, if there is none)."""
@@ -77,24 +84,18 @@ class Mapping:
         if idle:
             _reap(self)
 
-    def _tensor(self, nbytes: int) -> torch.Tensor:
-        """A tensor over the mapping for a pin already counted."""
-        try:
-            pin = _Pin(self.ptr, nbytes)
-            weakref.finalize(pin, _unpin, self).atexit = False  # at exit the driver cleans up
-            return torch.as_tensor(pin, device=torch.device("cuda", self.index))
-        except BaseException:
-            _unpin(self)
-            raise
+    def _owner(self, nbytes: int) -> _Pin:
+        """The owner of a pin already counted; collecting it unpins."""
+        pin = _Pin(self.ptr, nbytes)
+        weakref.finalize(pin, _unpin, self).atexit = False  # at exit the driver cleans up
+        return pin
 
-    def _teardown(self) -> None:
+    def _teardown(self, mapped: bool = True) -> None:
         """Unmap, free the range, release the handle, in that order (each at most once)."""
         ptr, self.ptr = self.ptr, 0
         if ptr:
-            try:
+            if mapped:
                 cuda.unmap(self.index, ptr, self.size)
-            except DeviceError:
-                pass  # a range reserved but not mapped: a failed constructor
             cuda.free_address(self.index, ptr, self.size)
         handle, self.handle = self.handle, 0
         if handle:
@@ -246,7 +247,8 @@ def mapped(handle: dict[str, Any]) -> torch.Tensor | None:
         if mapping is None:
             return None
         mapping._pins += 1  # under the same lock as the look-up: it cannot go meanwhile
-    return mapping._tensor(int(handle["nbytes"]))
+    owner = mapping._owner(int(handle["nbytes"]))
+    return torch.as_tensor(owner, device=torch.device("cuda", mapping.index))
 
 
 def map_fd(handle: dict[str, Any], fd: int, writable: bool) -> torch.Tensor:
