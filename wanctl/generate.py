@@ -30,6 +30,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "take the original Wan2.2 release's defaults for the task.",
     )
     p.add_argument("--task", help="t2v-A14B, i2v-A14B or ti2v-5B (default: the loaded one)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="NAME",
+        help="the loaded checkpoint to use when the daemon holds several (see wanctl status)",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", help="default: Wan2.2's (Chinese) negative prompt")
     p.add_argument("--image", type=Path, help="first frame: required for i2v, optional for ti2v")
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         check_paths(args)
         image = read_image(args.image) if args.image else None
         with Client(args.endpoint, timeout=args.timeout, name="wanctl-generate") as c:
-            info = choose(c.checkpoints(), args.task)
+            info = choose(c.checkpoints(), args.task, args.checkpoint)
             job = plan(args, info, image)
             _import_libraries()
             start = time.perf_counter()
@@ -142,14 +147,21 @@ def check_task(task: str | None) -> None:
         raise UsageError(f"--task {task}: unknown task; known: {', '.join(TASKS)}")
 
 
-def choose(checkpoints: list[dict[str, Any]], task: str | None) -> dict[str, Any]:
-    """The loaded checkpoint for ``task`` (any, when there is only one)."""
-    found = [c for c in checkpoints if task in (None, c["task"])]
-    held = ", ".join(f"{c['name']} ({c['task']})" for c in checkpoints) or "nothing"
+def choose(
+    checkpoints: list[dict[str, Any]], task: str | None, name: str | None = None
+) -> dict[str, Any]:
+    """The loaded checkpoint called ``name``, else the one for ``task`` (any, when there is
+    only one)."""
+    if not checkpoints:
+        raise UsageError("the daemon holds no checkpoint (load one with wanctl load PATH)")
+    held = ", ".join(f"{c['name']} ({c['task']})" for c in checkpoints)
+    found = [c for c in checkpoints if name in (None, c["name"]) and task in (None, c["task"])]
+    if not found and name is not None:
+        raise UsageError(f"--checkpoint {name}: the daemon holds {held}")
     if not found:
         raise UsageError(f"--task {task}: the daemon holds {held}")
     if len(found) > 1:
-        raise UsageError(f"the daemon holds {held}; choose one with --task")
+        raise UsageError(f"the daemon holds {held}; choose one with --checkpoint NAME")
     return found[0]
 
 
@@ -176,7 +188,7 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
     shift = s.shift if args.sample_shift is None else args.sample_shift
     if shift <= 0:
         raise UsageError(f"--sample-shift {shift}: must be positive")
-    guidance = _guidance(args.sample_guide_scale, len(s.guidance)) or s.guidance
+    guidance = _guidance(args.sample_guide_scale, task, len(s.guidance)) or s.guidance
     seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**63 - 1)
     call = {
         "negative_prompt": NEGATIVE_PROMPT
@@ -200,11 +212,13 @@ def _size(text: str, multiple: int) -> tuple[int, int]:
         raise UsageError(f"--size {text}: expected WIDTH*HEIGHT, e.g. 1280*720")
     width, height = int(m[1]), int(m[2])
     if not width or not height or width % multiple or height % multiple:
-        raise UsageError(f"--size {text}: width and height must be multiples of {multiple}")
+        raise UsageError(
+            f"--size {text}: width and height must be positive multiples of {multiple}"
+        )
     return width, height
 
 
-def _guidance(text: str | None, experts: int) -> tuple[float, ...] | None:
+def _guidance(text: str | None, task: str, experts: int) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
@@ -212,7 +226,8 @@ def _guidance(text: str | None, experts: int) -> tuple[float, ...] | None:
     except ValueError:
         raise UsageError(f"--sample-guide-scale {text}: expected a number or HIGH,LOW") from None
     if len(values) > experts:
-        raise UsageError(f"--sample-guide-scale {text}: this task has one model, give one value")
+        want = "one value or HIGH,LOW" if experts == 2 else "one value: it has one model"
+        raise UsageError(f"--sample-guide-scale {text}: {task} takes {want}")
     return values
 
 
