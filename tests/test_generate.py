@@ -13,6 +13,7 @@ import test_pipeline
 from test_pipeline import image
 
 from wanctl.cli import main
+from wand.wan.tiny_lora import write_tiny_lora
 
 served = test_pipeline.served  # the fixture: one daemon per task, shared by this module
 TINY = ["--prompt", "a cat", "--size", "32*32", "--frame-num", "5", "--sample-steps", "2"]
@@ -40,16 +41,18 @@ def refused(daemon, tmp_path, *option: str) -> str:
 
 def test_t2v_writes_mp4_and_pngs(served, tmp_path):
     out, frames_dir = tmp_path / "cat.mp4", tmp_path / "frames"
+    style = write_tiny_lora(tmp_path / "style.safetensors", "t2v-A14B", "comfy")
     r = served("t2v-A14B").wanctl(
-        "generate", *TINY, "--out", str(out), "--save-frames", str(frames_dir)
-    )
+        "generate", *TINY, "--out", str(out), "--save-frames", str(frames_dir),
+        "--lora", f"{style}:0.7", "--lora-fuse",
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert read_mp4(out) == (5, (32, 32), 16.0)
     pngs = sorted(frames_dir.glob("*.png"))
     assert [p.name for p in pngs] == [f"frame_0000{i}.png" for i in range(5)]
     assert imageio.imread(pngs[0]).shape == (32, 32, 3)
     (line,) = r.stdout.splitlines()
-    for word in (str(out), "attach", "denoise", "decode", "5 frames 32x32 at 16 fps"):
+    for word in (str(out), "attach", "1 LoRA fused", "denoise", "5 frames 32x32 at 16 fps"):
         assert word in line
     assert "denoising" in r.stderr and "2/2" in r.stderr  # the progress bar
 
@@ -79,6 +82,7 @@ def test_ti2v_from_text_and_from_image(served, tmp_path):
     for option, message in (
         (["--size", "48*48"], "multiples of 32"),
         (["--sample-guide-scale", "5,4"], "ti2v-5B takes one value: it has one model"),
+        (["--lora-low", "low.safetensors"], "ti2v-5B has one model; use --lora"),
     ):
         assert message in refused(d, tmp_path, *option)
 
@@ -101,6 +105,13 @@ BAD = [
     (["--out", "{tmp}/out.avi"], "must be an .mp4 file"),
     (["--out", "{tmp}/folder.mp4"], "is a directory"),
     (["--save-frames", "{tmp}/notes.png"], "not a directory"),
+    (["--lora", "{tmp}/absent.safetensors:0.5"], "absent.safetensors:0.5: no such file"),
+    (["--lora", "anime"], "anime: no such file, and the daemon holds no LoRA named 'anime'"),
+    (["--lora", "{tmp}/folder.mp4"], "folder.mp4 is not a file"),
+    (["--lora-low", "{tmp}/notes.png"], "notes.png: diffusers cannot read it as a Wan LoRA"),
+    (["--lora-high", "{tmp}/five.safetensors"], "does not fit the t2v-A14B high-noise expert"),
+    (["--lora", "{tmp}/five.safetensors:2"], "five.safetensors:2: does not fit the t2v-A14B"),
+    (["--lora-fuse"], "--lora-fuse: no LoRA given"),
     (["--save-frames", "{tmp}/notes.png/frames"], "notes.png is not a directory"),
     pytest.param(
         ["--save-frames", "{tmp}/readonly/frames"],
@@ -116,6 +127,7 @@ BAD = [
 def test_bad_option_exits_2_before_writing(served, tmp_path, option, message):
     image().save(tmp_path / "first.png")
     (tmp_path / "notes.png").write_text("not an image")
+    write_tiny_lora(tmp_path / "five.safetensors", "ti2v-5B", "lightx2v")  # its head is wider
     (tmp_path / "readonly").mkdir(mode=0o500)
     (tmp_path / "folder.mp4").mkdir()
     args = [a.format(tmp=tmp_path) for a in option]

@@ -3,6 +3,7 @@ into the daemon's memory, and a clear error for a LoRA that does not fit."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import re
 
@@ -12,9 +13,12 @@ import torch
 from conftest import Daemon
 from diffusers import WanImageToVideoPipeline, WanPipeline
 from peft.tuners.lora import LoraLayer
+from PIL import Image
 from safetensors import safe_open
 from test_pipeline import SHIFT, frames, image, reference
 
+from wanctl.cli import build_parser
+from wanctl.generate import plan
 from wand.lora import LoraError, check, read
 from wand.modules import skeleton
 from wand.wan.tasks import TASKS, TRANSFORMER
@@ -248,3 +252,35 @@ def test_fusing_writes_private_copies_and_unfusing_restores_the_shared_views(ser
         assert private == [[], []], step
         assert np.array_equal(got, want), step
         assert left == adapters, step
+
+
+def test_wanctl_generate_applies_each_lora_to_its_experts(served, lora, tmp_path):
+    """``--lora`` on both experts, ``--lora-high`` / ``--lora-low`` on one, each at its scale:
+    the frames of the pipeline with the same LoRAs set by hand."""
+    comfy, high, low = (lora("t2v-A14B", s, 3) for s in ("comfy", "lightx2v", "musubi"))
+    argv = ["generate", "--checkpoint", "t2v-A14B", "--prompt", "a cat", "--size", "32*32",
+            "--frame-num", "5", "--sample-steps", "3", "--base-seed", "5",
+            "--out", str(tmp_path / "cat.mp4"), "--save-frames", str(tmp_path / "frames"),
+            "--lora", f"{comfy}:0.6", "--lora-high", f"{high}:1.2", "--lora-low", low]  # fmt: skip
+    r = served.wanctl(*argv, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    loras = [(x["expert"], x["scale"]) for x in report["loras"]]
+    assert loras == [("both", 0.6), ("high", 1.2), ("low", 1.0)]
+    assert report["lora_fused"] is False
+    pngs = sorted((tmp_path / "frames").glob("*.png"))
+    written = np.stack([np.asarray(Image.open(p)) for p in pngs])
+
+    args = build_parser().parse_args(argv)
+    with served.connect() as c:
+        job = plan(args, next(x for x in c.checkpoints() if x["name"] == "t2v-A14B"), None)
+        vp = c.pipeline("t2v-A14B")
+    names = [
+        vp.load_lora_weights(comfy, expert="both"),
+        vp.load_lora_weights(high, expert="high"),
+        vp.load_lora_weights(low, expert="low"),
+    ]
+    vp.set_adapters(names, [0.6, 1.2, 1.0])
+    g = torch.Generator().manual_seed(5)
+    expected = vp(job.prompt, generator=g, **job.call).frames[0]
+    assert np.array_equal(written, (expected * 255).astype(np.uint8))
