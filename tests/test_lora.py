@@ -211,22 +211,31 @@ def _fuse_in_child(endpoint: str, high: str, low: str, conn) -> None:
     conn.send(after)
 
 
+def _receive(conn, proc) -> dict:
+    """The child's next report, or a failure saying how it died."""
+    try:
+        if conn.poll(180):
+            return conn.recv()
+    except EOFError:
+        proc.join(10)
+    pytest.fail(f"the fusing client died: exit status {proc.exitcode}")
+
+
 def test_fusing_writes_private_copies_and_unfusing_restores_the_shared_views(served, lora):
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     high, low = lora("t2v-A14B", "lightx2v", 1), lora("t2v-A14B", "comfy", 2)
     proc = ctx.Process(target=_fuse_in_child, args=(served.endpoint, high, low, child))
     proc.start()
+    child.close()  # the child's death is then the end of the pipe
     try:
-        assert parent.poll(180), f"the fusing client died: exit status {proc.exitcode}"
-        fused = parent.recv()
+        fused = _receive(parent, proc)
         assert proc.is_alive()
         with served.connect() as c:  # another client: the daemon's bytes are untouched
             for expert in ("high_noise_model", "low_noise_model"):
                 assert c.attachment(f"t2v-A14B/{expert}").verify()
         parent.send("checked")
-        assert parent.poll(180), f"the fusing client died: exit status {proc.exitcode}"
-        later = parent.recv()
+        later = _receive(parent, proc)
         proc.join(30)
     finally:
         proc.kill()
