@@ -139,6 +139,7 @@ def test_lora_that_does_not_fit_is_an_error_and_loads_nothing(served, lora, tmp_
     assert vp.get_active_adapters() == ["style"]
     with pytest.raises(LoraError, match="an adapter named 'style' is already loaded"):
         vp.load_lora_weights(lora("t2v-A14B", "diffusers"), "style", expert="low")
+    vp.load_lora_weights(lora("t2v-A14B", "comfy", 1), "style", expert="both", hotswap=True)
 
 
 def _base_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -175,18 +175,22 @@ class LoraMixin:
         if kw.pop("load_into_transformer_2", False):
             expert = "low"
         components = self._components(expert)
+        kw = {"local_files_only": True, **kw}  # never a model hub
         state = read(source, **kw)
         for c in components:
             where = describe(self.task, c, self.pipe.transformer_2 is None)
             check(state, getattr(self.pipe, c), where, label(source))
         name = adapter_name or self._new_adapter_name()
         taken = self.get_list_adapters()
-        if any(name in taken.get(c, ()) for c in components):
+        if not kw.get("hotswap") and any(name in taken.get(c, ()) for c in components):
             raise LoraError(f"an adapter named {name!r} is already loaded")
         for c in components:
             low = c == "transformer_2"
             self.pipe.load_lora_weights(
-                source, adapter_name=name, load_into_transformer_2=low, **kw
+                source if isinstance(source, Mapping) else str(source),
+                adapter_name=name,
+                load_into_transformer_2=low,
+                **kw,
             )
         return name
 
