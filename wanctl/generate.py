@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 class UsageError(Exception):
@@ -30,6 +34,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "take the original Wan2.2 release's defaults for the task.",
     )
     p.add_argument("--task", help="t2v-A14B, i2v-A14B or ti2v-5B (default: the loaded one)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="NAME",
+        help="the loaded checkpoint to use when the daemon holds several (see wanctl status)",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", help="default: Wan2.2's (Chinese) negative prompt")
     p.add_argument("--image", type=Path, help="first frame: required for i2v, optional for ti2v")
@@ -49,6 +58,45 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--base-seed", type=int, default=-1, help="noise seed (default: random)")
     p.add_argument("--out", type=Path, help="MP4 file to write (default: TASK-WxH-TIME.mp4)")
     p.add_argument("--save-frames", type=Path, metavar="DIR", help="also write PNG frames here")
+    lora = "PATH[:SCALE]"
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar=lora,
+        help="apply a LoRA file at SCALE (default 1): to both experts of an A14B checkpoint, "
+        "to the model of ti2v-5B; repeatable",
+    )
+    p.add_argument(
+        "--lora-high",
+        action="append",
+        default=[],
+        metavar=lora,
+        help="a LoRA for the high-noise expert only (A14B: the HIGH file of a pair)",
+    )
+    p.add_argument(
+        "--lora-low",
+        action="append",
+        default=[],
+        metavar=lora,
+        help="a LoRA for the low-noise expert only (A14B: the LOW file of a pair)",
+    )
+    p.add_argument(
+        "--lora-fuse",
+        action="store_true",
+        help="fuse the LoRAs into private copies of the layers they change before generating",
+    )
+
+
+@dataclass(frozen=True)
+class Lora:
+    """One LoRA option: the file, its scale and the experts it goes into."""
+
+    option: str  # "--lora", "--lora-high", "--lora-low"
+    text: str  # as given
+    path: Path
+    scale: float
+    expert: str  # "high", "low" or "both" (wand.lora.EXPERTS)
 
 
 @dataclass
@@ -63,6 +111,8 @@ class Job:
     frames_dir: Path | None
     fps: int
     seed: int
+    loras: list[Lora]
+    fuse: bool  # fuse the LoRAs before generating
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,17 +124,20 @@ def run(args: argparse.Namespace) -> int:
         check_paths(args)
         image = read_image(args.image) if args.image else None
         with Client(args.endpoint, timeout=args.timeout, name="wanctl-generate") as c:
-            info = choose(c.checkpoints(), args.task)
+            info = choose(c.checkpoints(), args.task, args.checkpoint)
             job = plan(args, info, image)
             _import_libraries()
+            check_loras(job.loras, info)
             start = time.perf_counter()
             pipe = c.pipeline(job.checkpoint)
             attach = time.perf_counter() - start
+            apply_loras(pipe, job)
+            lora = time.perf_counter() - start - attach
     except UsageError as e:
         print(f"wanctl generate: {e}", file=sys.stderr)
         return EXIT_USAGE
     report = generate(pipe, job, image)
-    report["attach_seconds"] = attach
+    report.update(attach_seconds=attach, lora_seconds=lora)
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return EXIT_OK
 
@@ -142,14 +195,21 @@ def check_task(task: str | None) -> None:
         raise UsageError(f"--task {task}: unknown task; known: {', '.join(TASKS)}")
 
 
-def choose(checkpoints: list[dict[str, Any]], task: str | None) -> dict[str, Any]:
-    """The loaded checkpoint for ``task`` (any, when there is only one)."""
-    found = [c for c in checkpoints if task in (None, c["task"])]
-    held = ", ".join(f"{c['name']} ({c['task']})" for c in checkpoints) or "nothing"
+def choose(
+    checkpoints: list[dict[str, Any]], task: str | None, name: str | None = None
+) -> dict[str, Any]:
+    """The loaded checkpoint called ``name``, else the one for ``task`` (any, when there is
+    only one)."""
+    if not checkpoints:
+        raise UsageError("the daemon holds no checkpoint (load one with wanctl load PATH)")
+    held = ", ".join(f"{c['name']} ({c['task']})" for c in checkpoints)
+    found = [c for c in checkpoints if name in (None, c["name"]) and task in (None, c["task"])]
+    if not found and name is not None:
+        raise UsageError(f"--checkpoint {name}: the daemon holds {held}")
     if not found:
         raise UsageError(f"--task {task}: the daemon holds {held}")
     if len(found) > 1:
-        raise UsageError(f"the daemon holds {held}; choose one with --task")
+        raise UsageError(f"the daemon holds {held}; choose one with --checkpoint NAME")
     return found[0]
 
 
@@ -176,7 +236,7 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
     shift = s.shift if args.sample_shift is None else args.sample_shift
     if shift <= 0:
         raise UsageError(f"--sample-shift {shift}: must be positive")
-    guidance = _guidance(args.sample_guide_scale, len(s.guidance)) or s.guidance
+    guidance = _guidance(args.sample_guide_scale, task, len(s.guidance)) or s.guidance
     seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**63 - 1)
     call = {
         "negative_prompt": NEGATIVE_PROMPT
@@ -191,7 +251,21 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
         **({"guidance_scale_2": guidance[-1]} if len(s.guidance) > 1 else {}),
     }
     out = args.out or Path(f"{task}-{width}x{height}-{time.strftime('%Y%m%d-%H%M%S')}.mp4")
-    return Job(info["name"], task, args.prompt, call, out, args.save_frames, s.fps, seed)
+    loras = plan_loras(args, task)
+    if args.lora_fuse and not loras:
+        raise UsageError("--lora-fuse: no LoRA given")
+    return Job(
+        checkpoint=info["name"],
+        task=task,
+        prompt=args.prompt,
+        call=call,
+        out=out,
+        frames_dir=args.save_frames,
+        fps=s.fps,
+        seed=seed,
+        loras=loras,
+        fuse=args.lora_fuse,
+    )
 
 
 def _size(text: str, multiple: int) -> tuple[int, int]:
@@ -200,11 +274,13 @@ def _size(text: str, multiple: int) -> tuple[int, int]:
         raise UsageError(f"--size {text}: expected WIDTH*HEIGHT, e.g. 1280*720")
     width, height = int(m[1]), int(m[2])
     if not width or not height or width % multiple or height % multiple:
-        raise UsageError(f"--size {text}: width and height must be multiples of {multiple}")
+        raise UsageError(
+            f"--size {text}: width and height must be positive multiples of {multiple}"
+        )
     return width, height
 
 
-def _guidance(text: str | None, experts: int) -> tuple[float, ...] | None:
+def _guidance(text: str | None, task: str, experts: int) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
@@ -212,8 +288,99 @@ def _guidance(text: str | None, experts: int) -> tuple[float, ...] | None:
     except ValueError:
         raise UsageError(f"--sample-guide-scale {text}: expected a number or HIGH,LOW") from None
     if len(values) > experts:
-        raise UsageError(f"--sample-guide-scale {text}: this task has one model, give one value")
+        want = "one value or HIGH,LOW" if experts == 2 else "one value: it has one model"
+        raise UsageError(f"--sample-guide-scale {text}: {task} takes {want}")
     return values
+
+
+def no_daemon_loras(name: str) -> Path | None:
+    """The file of the LoRA the daemon holds as ``name``: none yet (the daemon holds none)."""
+    return None
+
+
+def plan_loras(
+    args: argparse.Namespace, task: str, by_name: Callable[[str], Path | None] = no_daemon_loras
+) -> list[Lora]:
+    """The LoRA options, each file found: ``--lora`` goes into every expert of the task."""
+    from wand.wan.tasks import TASKS
+
+    one_model = len(TASKS[task].experts) == 1
+    options = [("--lora", "high" if one_model else "both", args.lora)]
+    options += [("--lora-high", "high", args.lora_high), ("--lora-low", "low", args.lora_low)]
+    loras = []
+    for option, expert, texts in options:
+        for text in texts:
+            if one_model and option != "--lora":
+                raise UsageError(f"{option} {text}: {task} has one model; use --lora")
+            path, scale = parse_lora(text, by_name)
+            loras.append(Lora(option, text, path, scale, expert))
+    return loras
+
+
+def parse_lora(text: str, by_name: Callable[[str], Path | None]) -> tuple[Path, float]:
+    """``PATH[:SCALE]`` → (the file, the scale); a bare word (no ``/``, no file suffix) may
+    also name a LoRA the daemon holds, which ``by_name`` resolves."""
+    source, _, tail = text.rpartition(":")
+    try:
+        scale = float(tail)
+    except ValueError:
+        source, scale = text, 1.0
+    if not source or not math.isfinite(scale):
+        raise UsageError(f"{text}: expected PATH[:SCALE]")
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path, scale
+    if path.exists():
+        raise UsageError(f"{text}: {path} is not a file")
+    word = "/" not in source and not source.endswith(LORA_SUFFIXES)
+    named = by_name(source) if word else None
+    if named is None:
+        held = f", and the daemon holds no LoRA named {source!r}" if word else ""
+        raise UsageError(f"{text}: no such file{held}")
+    return named, scale
+
+
+def check_loras(loras: list[Lora], info: dict[str, Any]) -> None:
+    """Each LoRA fits the experts it goes into, checked on the checkpoint's files before
+    anything is attached. Files this process cannot read leave it to the loading."""
+    from wand.errors import CheckpointError
+    from wand.lora import EXPERTS, LoraError, check, describe, read
+    from wand.modules import skeleton
+    from wand.wan import read_checkpoint
+    from wand.wan.tasks import TASKS
+
+    if not loras:
+        return
+    task = info["task"]
+    try:
+        spec = read_checkpoint(info["path"], task)
+    except (CheckpointError, OSError):
+        return
+    experts = dict(zip(EXPERTS["both"], TASKS[task].experts, strict=False))  # by component
+    used = {c: spec.components[experts[c]] for lora in loras for c in EXPERTS[lora.expert]}
+    models = {c: skeleton(comp.cls, comp.config) for c, comp in used.items()}
+    for lora in loras:
+        try:
+            state = read(lora.path)
+            for c in EXPERTS[lora.expert]:
+                check(state, models[c], describe(task, c, len(experts) == 1), lora.text)
+        except LoraError as e:
+            raise UsageError(f"{lora.option} {e}") from None
+
+
+def apply_loras(pipe, job: Job) -> None:
+    """Load every LoRA, set its scale, and fuse them when asked."""
+    from wand.lora import LoraError
+
+    if not job.loras:
+        return
+    try:
+        names = [pipe.load_lora_weights(lora.path, expert=lora.expert) for lora in job.loras]
+    except LoraError as e:
+        raise UsageError(str(e)) from None
+    pipe.set_adapters(names, [lora.scale for lora in job.loras])
+    if job.fuse:
+        pipe.fuse_lora()
 
 
 def generate(pipe, job: Job, image) -> dict[str, Any]:
@@ -239,6 +406,11 @@ def generate(pipe, job: Job, image) -> dict[str, Any]:
         "fps": job.fps,
         "steps": job.call["num_inference_steps"],
         "seed": job.seed,
+        "loras": [
+            {"path": str(lora.path), "scale": lora.scale, "expert": lora.expert}
+            for lora in job.loras
+        ],
+        "lora_fused": job.fuse,
         "prepare_seconds": t["prepare"],
         "denoise_seconds": t["denoise"],
         "decode_seconds": t["decode"],
@@ -258,9 +430,12 @@ def write_pngs(frames, folder: Path) -> None:
 
 
 def summary(r: dict[str, Any]) -> str:
+    n = len(r["loras"])
+    loras = f", {n} LoRA{'s' if n > 1 else ''}{' fused' if r['lora_fused'] else ''}" if n else ""
+    lora_time = f", lora {r['lora_seconds']:.2f} s" if n else ""
     return (
         f"wrote {r['out']}: {r['frames']} frames {r['width']}x{r['height']} at {r['fps']} fps, "
-        f"{r['task']}, seed {r['seed']}; attach {r['attach_seconds']:.2f} s, "
+        f"{r['task']}, seed {r['seed']}{loras}; attach {r['attach_seconds']:.2f} s{lora_time}, "
         f"prepare {r['prepare_seconds']:.2f} s, denoise {r['denoise_seconds']:.2f} s "
         f"({r['steps']} steps), decode {r['decode_seconds']:.2f} s"
     )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from wand.errors import WandError
+from wand.lora import LoraMixin, SharedViews
 from wand.wan.sampling import NEGATIVE_PROMPT, SAMPLING, Sampling
 from wand.wan.tasks import TASKS
 
@@ -38,9 +39,9 @@ def pick(checkpoints: list[dict[str, Any]], name: str | None = None) -> dict[str
     if len(checkpoints) != 1:
         loaded = ", ".join(c["name"] for c in checkpoints)
         raise WandError(
-            f"several checkpoints are loaded ({loaded}); say which"
+            f"several checkpoints are loaded ({loaded}); say which with checkpoint=NAME"
             if checkpoints
-            else "the daemon holds no checkpoint",
+            else "the daemon holds no checkpoint (load one with wanctl load PATH)",
             "bad_args",
         )
     return checkpoints[0]
@@ -94,7 +95,7 @@ def build(client: Client, checkpoint: str | None = None, **overrides: Any) -> Vi
     return VideoPipeline(task, sampling, parts, extras)
 
 
-class VideoPipeline:
+class VideoPipeline(LoraMixin):
     """Call it like the diffusers pipeline; arguments left out take the Wan2.2 defaults.
 
     ``image`` selects image-to-video: required for i2v-A14B, optional for ti2v-5B (whose
@@ -102,6 +103,7 @@ class VideoPipeline:
     for t2v-A14B. Extra keyword ``flow_shift`` changes the scheduler's shift for this and
     later calls. After each call :attr:`timings` holds ``prepare`` (text encoding, latents,
     image encoding), ``denoise`` and ``decode`` seconds, and ``first_step_at`` (epoch time).
+    LoRA methods (``load_lora_weights``, ``fuse_lora``...) are :class:`wand.lora.LoraMixin`'s.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class VideoPipeline:
         self.timings: dict[str, float] = {}
         self._embeddings: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._marks: dict[str, float] = {}
+        self._shared = SharedViews()
         from_text, from_image = image_modes(extras)
         self.text_pipe = WanPipeline(**parts) if from_text else None
         self.image_pipe = (

@@ -1,0 +1,280 @@
+"""LoRA adapters on pipelines whose experts are views of the daemon's memory.
+
+Loading, scaling, enabling and unloading are diffusers' own (``WanLoraLoaderMixin``, peft
+underneath): adapters live in new peft layers around the attached weights and never write
+them. What wand adds:
+
+- **a check first**: diffusers skips keys that match no layer with a warning, or none at all;
+  here every key must name a layer of the expert, with fitting shapes, or nothing is loaded;
+- **fusing into private copies**: peft fuses by adding into the base layer's weight in place,
+  which would write the daemon's read-only memory. Each layer about to be fused first gets a
+  private copy of what it will write; unfusing puts the shared views themselves back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import count
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from wand.errors import WandError
+from wand.modules import _some
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+
+Source = str | Path | Mapping[str, torch.Tensor]
+PREFIX = "transformer."  # what diffusers' Wan loader keeps of a converted state dict
+EXPERTS = {
+    "high": ("transformer",),
+    "low": ("transformer_2",),
+    "both": ("transformer", "transformer_2"),
+}
+ROLES = {"transformer": "high-noise expert", "transformer_2": "low-noise expert"}
+
+
+class LoraError(WandError, ValueError):
+    """A LoRA that cannot go onto this pipeline: unreadable, or not matching its layers."""
+
+    code = "lora"
+
+
+def describe(task: str, component: str, one_model: bool) -> str:
+    """How an error names the model a LoRA goes into: "t2v-A14B high-noise expert"."""
+    return f"{task} model" if one_model else f"{task} {ROLES[component]}"
+
+
+def label(source: Source) -> str:
+    return "the LoRA state dict" if isinstance(source, Mapping) else str(source)
+
+
+def read(source: Source, **kw: Any) -> dict[str, torch.Tensor]:
+    """The LoRA as diffusers converts it for Wan: ``transformer.<module>.lora_A.weight``...
+
+    Any key style diffusers reads is accepted (diffusers/peft, ComfyUI/Kijai, musubi-tuner,
+    the lightx2v distilled releases); ``kw`` are ``lora_state_dict``'s (``weight_name``...).
+    A path must exist here: diffusers would take anything else for a model hub name.
+    """
+    from diffusers import WanPipeline
+    from safetensors import SafetensorError
+
+    if not isinstance(source, Mapping) and not Path(source).exists():
+        raise LoraError(f"{source}: no such file")
+    try:
+        state = WanPipeline.lora_state_dict(
+            dict(source) if isinstance(source, Mapping) else str(source),
+            **{"local_files_only": True, **kw},
+        )
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise LoraError(f"{label(source)}: diffusers cannot read it as a Wan LoRA: {e}") from e
+    if not state:
+        raise LoraError(f"{label(source)}: holds no LoRA weights")
+    return state
+
+
+def check(state: Mapping[str, torch.Tensor], model: nn.Module, where: str, what: str) -> None:
+    """Every key of ``state`` (from :func:`read`) names a linear or convolution layer of
+    ``model`` and fits its shape, else :class:`LoraError` naming the keys that do not."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    ours = {k.removeprefix(PREFIX): v for k, v in state.items() if k.startswith(PREFIX)}
+    unmatched = [k for k in state if not k.startswith(PREFIX)]
+    if ours and "lora_A" not in next(iter(ours)):  # older diffusers names, as load_lora_adapter
+        ours = convert_unet_state_dict_to_peft(ours)
+    layers = dict(model.named_modules())
+    misfits, ranks = [], {}
+    for key, tensor in ours.items():
+        name, found, part = key.partition(".lora_")
+        layer = layers.get(name) if found else None
+        weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+        if weight is None or weight.dim() < 2:
+            unmatched.append(PREFIX + key)
+        elif not _fits(part, tensor.shape, weight.shape):
+            misfits.append(f"{PREFIX}{key} {tuple(tensor.shape)} (weight {tuple(weight.shape)})")
+        elif part in ("A.weight", "B.weight"):
+            ranks.setdefault(name, set()).add(tensor.shape[0 if part[0] == "A" else 1])
+    misfits += [f"{PREFIX}{n} ranks {sorted(r)}" for n, r in ranks.items() if len(r) > 1]
+    if unmatched:
+        raise LoraError(
+            f"{what}: {len(unmatched)} of {len(state)} keys match no layer of the {where}: "
+            f"{_some(unmatched)} (names as diffusers converts them)"
+        )
+    if misfits:
+        raise LoraError(f"{what}: does not fit the {where}: {_some(misfits)}")
+
+
+def _fits(part: str, shape: torch.Size, weight: torch.Size) -> bool:
+    """Does a LoRA tensor fit a layer with this weight: down (rank, in, ...), up (out, rank,
+    ...), up bias (out,)."""
+    if part == "A.weight":
+        return shape[1:] == weight[1:]
+    if part == "B.weight":
+        return shape[0] == weight[0] and len(shape) == len(weight)
+    if part == "B.bias":
+        return tuple(shape) == (weight[0],)
+    return True
+
+
+def tuner_layers(model: nn.Module) -> list[LoraLayer]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+class SharedViews:
+    """The attached parameters that fusing replaced with private copies, to be put back."""
+
+    def __init__(self) -> None:
+        self._saved: dict[nn.Module, dict[str, nn.Parameter]] = {}
+
+    def privatize(self, model: nn.Module, adapter_names: list[str] | None) -> None:
+        """Give every layer of ``model`` that fusing ``adapter_names`` (default: the active
+        ones) will write a private copy of its weight, and of its bias if a LoRA adds to it."""
+        for layer in tuner_layers(model):
+            names = layer.active_adapters if adapter_names is None else adapter_names
+            merging = [a for a in names if a in layer.lora_A and a not in layer.merged_adapters]
+            if not merging:
+                continue
+            written = ["weight", *(["bias"] if any(layer.lora_bias[a] for a in merging) else [])]
+            base = layer.get_base_layer()
+            saved = self._saved.setdefault(layer, {})
+            for attr in written:
+                if attr not in saved:
+                    saved[attr] = getattr(base, attr)
+                    private = nn.Parameter(saved[attr].detach().clone(), requires_grad=False)
+                    setattr(base, attr, private)
+
+    def restore(self, everything: bool = False) -> None:
+        """Put the shared views back into every layer no longer fused (all with
+        ``everything``), dropping the private copies."""
+        for layer in [la for la in self._saved if everything or not la.merged]:
+            base = layer.get_base_layer()
+            for attr, shared in self._saved.pop(layer).items():
+                setattr(base, attr, shared)
+
+
+class LoraMixin:
+    """The LoRA methods of :class:`wand.pipeline.VideoPipeline`, delegated to diffusers on
+    ``self.pipe``: its experts are the very modules of the other inner pipeline too."""
+
+    task: str
+    pipe: Any  # the diffusers pipeline
+    _shared: SharedViews
+
+    def load_lora_weights(
+        self, source: Source, adapter_name: str | None = None, expert: str = "high", **kw: Any
+    ) -> str:
+        """Load a LoRA (a file, a folder with ``weight_name=``, or a state dict) into the
+        high-noise expert (``expert="high"``, diffusers' default), the low-noise one
+        (``"low"``, diffusers' ``load_into_transformer_2=True``) or ``"both"``; return the
+        adapter name (default ``default_N``). Checked against every target before loading."""
+        if kw.pop("load_into_transformer_2", False):
+            expert = "low"
+        components = self._components(expert)
+        kw = {"local_files_only": True, **kw}  # never a model hub
+        state = read(source, **kw)
+        for c in components:
+            where = describe(self.task, c, self.pipe.transformer_2 is None)
+            check(state, getattr(self.pipe, c), where, label(source))
+        name = adapter_name or self._new_adapter_name()
+        taken = self.get_list_adapters()
+        if not kw.get("hotswap") and any(name in taken.get(c, ()) for c in components):
+            raise LoraError(f"an adapter named {name!r} is already loaded")
+        for c in components:
+            low = c == "transformer_2"
+            self.pipe.load_lora_weights(
+                source if isinstance(source, Mapping) else str(source),
+                adapter_name=name,
+                load_into_transformer_2=low,
+                **kw,
+            )
+        return name
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: Any = None) -> None:
+        """Activate adapters with their scales: one number per adapter, or per adapter a dict
+        ``{"transformer": high, "transformer_2": low}`` (diffusers' ``set_adapters``)."""
+        self.pipe.set_adapters(adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return self.pipe.get_active_adapters()
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        return self.pipe.get_list_adapters()
+
+    def enable_lora(self) -> None:
+        self.pipe.enable_lora()
+
+    def disable_lora(self) -> None:
+        """Disable the adapters; fused ones are unfused first (peft would otherwise subtract
+        them in place at the next call, leaving a private, rounded copy of the weights)."""
+        if self.fused_loras:
+            self.unfuse_lora()
+        self.pipe.disable_lora()
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        if names & self.fused_loras:
+            raise LoraError(f"adapters {sorted(names & self.fused_loras)} are fused: unfuse first")
+        self.pipe.delete_adapters(adapter_names)
+
+    @property
+    def fused_loras(self) -> set[str]:
+        """Names of the adapters fused into some layer of an expert."""
+        return {a for layer in self._tuner_layers() for a in layer.merged_adapters}
+
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> None:
+        """diffusers' ``fuse_lora`` into private copies of the layers it writes. Default
+        components: every expert (diffusers' Wan default is ``["transformer"]`` alone)."""
+        components = components or self._experts()
+        for c in components:
+            self._shared.privatize(getattr(self.pipe, c), adapter_names)
+        try:
+            self.pipe.fuse_lora(
+                components=components,
+                lora_scale=lora_scale,
+                safe_fusing=safe_fusing,
+                adapter_names=adapter_names,
+            )
+        finally:
+            self._shared.restore()  # layers left unfused (an error, nothing to merge)
+
+    def unfuse_lora(self, components: list[str] | None = None) -> None:
+        """Unfuse; the layers get the daemon's shared views back (the same tensors as before
+        fusing, not the private copies with the LoRA subtracted again)."""
+        try:
+            self.pipe.unfuse_lora(components=components or self._experts())
+        finally:
+            self._shared.restore()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter. Unlike diffusers, fused LoRAs go too: the experts return to
+        the shared views rather than keep private fused copies."""
+        self._shared.restore(everything=True)
+        self.pipe.unload_lora_weights()
+
+    def _experts(self) -> list[str]:
+        return [c for c in EXPERTS["both"] if getattr(self.pipe, c, None) is not None]
+
+    def _tuner_layers(self) -> list[LoraLayer]:
+        return [la for c in self._experts() for la in tuner_layers(getattr(self.pipe, c))]
+
+    def _components(self, expert: str) -> tuple[str, ...]:
+        if expert not in EXPERTS:
+            raise ValueError(f"expert must be 'high', 'low' or 'both', not {expert!r}")
+        if expert != "high" and self.pipe.transformer_2 is None:
+            raise LoraError(f"{self.task} has one model: expert must be 'high' (the default)")
+        return EXPERTS[expert]
+
+    def _new_adapter_name(self) -> str:
+        taken = {a for names in self.get_list_adapters().values() for a in names}
+        return next(n for i in count(len(taken)) if (n := f"default_{i}") not in taken)
