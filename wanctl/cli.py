@@ -19,6 +19,7 @@ from wanctl import generate, manage, units
 from wand import __version__
 from wand.config import TASKS
 from wand.errors import ConnectError, WandError
+from wand.spec import LORA_CLASS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -153,18 +154,18 @@ def _verify(args: argparse.Namespace) -> int:
     rows = []
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
         listed = c.list()
-        for cls in {comp["class"] for comp in listed}:
+        for cls in {comp["class"] for comp in listed} - {LORA_CLASS}:
             resolve_class(cls)  # import the libraries first: their import is not attach time
         for name in args.names or [comp["name"] for comp in listed]:
             start = time.perf_counter()
             att = c.attachment(name)
             attached = time.perf_counter()
-            module = att.module()
+            module = att.module() if att.manifest["cls"] != LORA_CLASS else None
             built = time.perf_counter()
             rows.append(
                 {
                     "name": att.name,
-                    "class": type(module).__name__,
+                    "class": type(module).__name__ if module is not None else "LoRA",
                     "tensors": len(att.manifest["tensors"]),
                     "bytes": att.manifest["nbytes"],
                     "attach_ms": (attached - start) * 1e3,
@@ -221,5 +222,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "load": manage.load,
     "unload": manage.unload,
     "reload": manage.reload,
+    "load-lora": manage.load_lora,
+    "unload-lora": manage.unload_lora,
     "logs": manage.logs,
 }

@@ -13,7 +13,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,13 +90,14 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Lora:
-    """One LoRA option: the file, its scale and the experts it goes into."""
+    """One LoRA option: the file (or the name of a LoRA the daemon holds), its scale and the
+    experts it goes into (None: where the daemon's LoRA goes by default)."""
 
     option: str  # "--lora", "--lora-high", "--lora-low"
     text: str  # as given
-    path: Path
+    source: Path | str  # a file, or the name of a LoRA the daemon holds
     scale: float
-    expert: str  # "high", "low" or "both" (wand.lora.EXPERTS)
+    expert: str | None  # "high", "low" or "both" (wand.lora.EXPERTS)
 
 
 @dataclass
@@ -251,7 +252,7 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
         **({"guidance_scale_2": guidance[-1]} if len(s.guidance) > 1 else {}),
     }
     out = args.out or Path(f"{task}-{width}x{height}-{time.strftime('%Y%m%d-%H%M%S')}.mp4")
-    loras = plan_loras(args, task)
+    loras = plan_loras(args, task, info.get("loras", {}))
     if args.lora_fuse and not loras:
         raise UsageError("--lora-fuse: no LoRA given")
     return Job(
@@ -293,15 +294,10 @@ def _guidance(text: str | None, task: str, experts: int) -> tuple[float, ...] | 
     return values
 
 
-def no_daemon_loras(name: str) -> Path | None:
-    """The file of the LoRA the daemon holds as ``name``: none yet (the daemon holds none)."""
-    return None
-
-
-def plan_loras(
-    args: argparse.Namespace, task: str, by_name: Callable[[str], Path | None] = no_daemon_loras
-) -> list[Lora]:
-    """The LoRA options, each file found: ``--lora`` goes into every expert of the task."""
+def plan_loras(args: argparse.Namespace, task: str, held: Collection[str] = ()) -> list[Lora]:
+    """The LoRA options, each file found or named among the daemon's LoRAs (``held``):
+    ``--lora FILE`` goes into every expert of the task, ``--lora NAME`` where the daemon's
+    LoRA goes by default."""
     from wand.wan.tasks import TASKS
 
     one_model = len(TASKS[task].experts) == 1
@@ -312,14 +308,15 @@ def plan_loras(
         for text in texts:
             if one_model and option != "--lora":
                 raise UsageError(f"{option} {text}: {task} has one model; use --lora")
-            path, scale = parse_lora(text, by_name)
-            loras.append(Lora(option, text, path, scale, expert))
+            source, scale = parse_lora(text, held)
+            named = isinstance(source, str) and option == "--lora"
+            loras.append(Lora(option, text, source, scale, None if named else expert))
     return loras
 
 
-def parse_lora(text: str, by_name: Callable[[str], Path | None]) -> tuple[Path, float]:
-    """``PATH[:SCALE]`` → (the file, the scale); a bare word (no ``/``, no file suffix) may
-    also name a LoRA the daemon holds, which ``by_name`` resolves."""
+def parse_lora(text: str, held: Collection[str]) -> tuple[Path | str, float]:
+    """``PATH[:SCALE]`` or ``NAME[:SCALE]`` → (the file or the name, the scale); a bare word
+    (no ``/``, no file suffix) that is no file here may name a LoRA the daemon holds."""
     source, _, tail = text.rpartition(":")
     try:
         scale = float(tail)
@@ -333,11 +330,11 @@ def parse_lora(text: str, by_name: Callable[[str], Path | None]) -> tuple[Path, 
     if path.exists():
         raise UsageError(f"{text}: {path} is not a file")
     word = "/" not in source and not source.endswith(LORA_SUFFIXES)
-    named = by_name(source) if word else None
-    if named is None:
-        held = f", and the daemon holds no LoRA named {source!r}" if word else ""
-        raise UsageError(f"{text}: no such file{held}")
-    return named, scale
+    if word and source in held:
+        return source, scale
+    names = f" (it holds {', '.join(sorted(held))})" if held else ""
+    why = f", and the daemon holds no LoRA named {source!r}{names}" if word else ""
+    raise UsageError(f"{text}: no such file{why}")
 
 
 def check_loras(loras: list[Lora], info: dict[str, Any]) -> None:
@@ -349,6 +346,7 @@ def check_loras(loras: list[Lora], info: dict[str, Any]) -> None:
     from wand.wan import read_checkpoint
     from wand.wan.tasks import TASKS
 
+    loras = [x for x in loras if isinstance(x.source, Path)]  # the daemon checked its own
     if not loras:
         return
     task = info["task"]
@@ -361,7 +359,7 @@ def check_loras(loras: list[Lora], info: dict[str, Any]) -> None:
     models = {c: skeleton(comp.cls, comp.config) for c, comp in used.items()}
     for lora in loras:
         try:
-            state = read(lora.path)
+            state = read(lora.source)
             for c in EXPERTS[lora.expert]:
                 check(state, models[c], describe(task, c, len(experts) == 1), lora.text)
         except LoraError as e:
@@ -375,7 +373,7 @@ def apply_loras(pipe, job: Job) -> None:
     if not job.loras:
         return
     try:
-        names = [pipe.load_lora_weights(lora.path, expert=lora.expert) for lora in job.loras]
+        names = [pipe.load_lora_weights(lora.source, expert=lora.expert) for lora in job.loras]
     except LoraError as e:
         raise UsageError(str(e)) from None
     pipe.set_adapters(names, [lora.scale for lora in job.loras])
@@ -407,7 +405,7 @@ def generate(pipe, job: Job, image) -> dict[str, Any]:
         "steps": job.call["num_inference_steps"],
         "seed": job.seed,
         "loras": [
-            {"path": str(lora.path), "scale": lora.scale, "expert": lora.expert}
+            {"source": str(lora.source), "scale": lora.scale, "expert": lora.expert}
             for lora in job.loras
         ],
         "lora_fused": job.fuse,

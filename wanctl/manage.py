@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from wand.client import Client
-from wand.config import TASKS, parse_assignments
+from wand.config import LORA_EXPERTS, TASKS, parse_assignments
 from wand.errors import WandError
 from wand.logs import render
 
@@ -33,6 +33,22 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     sub.add_parser(
         "reload", parents=[common], help="re-read the configuration and checkpoints, load changes"
     )
+    lora = sub.add_parser(
+        "load-lora", parents=[common], help="hold a LoRA file in the daemon for a checkpoint"
+    )
+    lora.add_argument("path", type=Path, help="the LoRA (.safetensors, any key style)")
+    lora.add_argument("--name", help="how clients ask for it (default: the file's stem)")
+    lora.add_argument("--checkpoint", help="the checkpoint it is for (default: the only one)")
+    lora.add_argument(
+        "--expert",
+        choices=LORA_EXPERTS,
+        default="high",
+        help="where it goes unless a client says otherwise (default high)",
+    )
+    drop = sub.add_parser("unload-lora", parents=[common], help="stop holding a LoRA")
+    drop.add_argument("name", help="the LoRA's name (see wanctl ls)")
+    drop.add_argument("--checkpoint", help="its checkpoint (default: the only one)")
+    drop.add_argument("--force", action="store_true", help="revoke the leases of clients")
     logs = sub.add_parser("logs", parents=[common], help="show the daemon's log")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
@@ -57,6 +73,36 @@ def load(args: argparse.Namespace) -> int:
 def unload(args: argparse.Namespace) -> int:
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
         reply = c.request("unload", name=args.name, force=args.force)
+    revoked = f" (revoked leases of pids {', '.join(map(str, reply['revoked']))})"
+    print(
+        json.dumps(reply)
+        if args.json
+        else f"unloaded {reply['name']}" + revoked * bool(reply["revoked"])
+    )
+    return 0
+
+
+def load_lora(args: argparse.Namespace) -> int:
+    request = {
+        "path": str(args.path.resolve()),
+        "name": args.name or args.path.name.removesuffix(".safetensors"),
+        "expert": args.expert,
+    }
+    if args.checkpoint:
+        request["checkpoint"] = args.checkpoint
+    with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
+        name = c.request("load_lora", **request)["name"]
+        states = _wait(c, [name])
+    print(json.dumps(states) if args.json else f"{name}: {states[name]}")
+    return 0
+
+
+def unload_lora(args: argparse.Namespace) -> int:
+    request = {"name": args.name, "force": args.force}
+    if args.checkpoint:
+        request["checkpoint"] = args.checkpoint
+    with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
+        reply = c.request("unload_lora", **request)
     revoked = f" (revoked leases of pids {', '.join(map(str, reply['revoked']))})"
     print(
         json.dumps(reply)

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +23,10 @@ from wand import manifest as manifests
 from wand.endpoint import describe, resolve, socket_path
 from wand.errors import ConnectError, DaemonError
 from wand.process import own_start
+from wand.spec import LORA_CLASS, LORA_PREFIX
 
 if TYPE_CHECKING:
+    from wand.lora import ResidentLora
     from wand.pipeline import VideoPipeline
 
 DEFAULT_TIMEOUT = 10.0
@@ -121,6 +124,23 @@ class Client:
     def module(self, name: str, writable: bool = False) -> torch.nn.Module:
         """The component's diffusers/transformers module, every weight bound to the slab."""
         return self.attachment(name, writable).module()
+
+    def lora(self, name: str) -> ResidentLora:
+        """A LoRA the daemon holds (``wanctl load-lora``, or ``lora = [...]`` in the
+        configuration), attached privately writable (pages copied only where written): no
+        file is read. ``name`` is the LoRA's name, or its
+        address ``<checkpoint>/lora:<name>``; pass the result to a pipeline's
+        ``load_lora_weights``."""
+        from wand.lora import LoraError, ResidentLora
+
+        # copy-on-write: diffusers' converters scale some LoRA tensors in place
+        att = self.attachment(name if "/" in name else LORA_PREFIX + name, writable=True)
+        if att.manifest["cls"] != LORA_CLASS:
+            raise LoraError(f"{att.name} is a model, not a LoRA")
+        config = att.manifest["config"]
+        short = att.name.split("/", 1)[1].removeprefix(LORA_PREFIX)
+        release = partial(self.detach, att.name)
+        return ResidentLora(short, config["expert"], config["metadata"], att.tensors, release)
 
     def pipeline(self, checkpoint: str | None = None, **overrides: Any) -> VideoPipeline:
         """The diffusers pipeline of a loaded checkpoint (``checkpoint`` names it when several

@@ -28,12 +28,23 @@ from wand.files import is_file, read_small
 
 SYSTEM_CONFIG = Path("/etc/wand/wand.toml")
 TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
-CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype"}
+CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype", "lora"}
+LORA_KEYS = {"name", "path", "expert"}
+LORA_EXPERTS = ("high", "low", "both")
 MAX_PATH, MAX_NAME = 4096, 64
 
 
 class ConfigError(WandError):
     code = "config"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """A LoRA the daemon holds for a checkpoint: ``expert`` is where it goes by default."""
+
+    name: str
+    path: Path
+    expert: str = "high"
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class CheckpointConfig:
     task: str | None = None
     device: dict[str, str] = field(default_factory=lambda: {"*": "cpu"})
     dtype: dict[str, str] = field(default_factory=dict)
+    loras: tuple[LoraConfig, ...] = ()
 
     def dtypes(self) -> dict[str, torch.dtype]:
         return {k: _dtype(v) for k, v in self.dtype.items()}
@@ -121,7 +133,34 @@ def checkpoint(entry: dict[str, Any], where: str) -> CheckpointConfig:
         raise ConfigError(f"{where}: task must be one of {', '.join(TASKS)}")
     device = _placements(entry.get("device", "cpu"), where)
     dtype = _dtype_names(entry.get("dtype", {}), where)
-    return CheckpointConfig(Path(path), name, task, device, dtype)
+    items = entry.get("lora", [])
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: lora must be a list of tables (name, path, expert)")
+    loras = tuple(lora(x, f"{where}: lora {i + 1}") for i, x in enumerate(items))
+    names = [x.name for x in loras]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: two LoRAs have the same name")
+    return CheckpointConfig(Path(path), name, task, device, dtype, loras)
+
+
+def lora(entry: Any, where: str) -> LoraConfig:
+    """One LoRA from a config table or from ``load_lora``'s arguments."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a table (name, path, expert)")
+    unknown = {str(k)[:60] for k in entry} - LORA_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    name, path, expert = entry.get("name"), entry.get("path"), entry.get("expert", "high")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or set("/:\0") & set(name):
+        raise ConfigError(
+            f"{where}: name must be a non-empty string without '/' or ':', at most "
+            f"{MAX_NAME} characters"
+        )
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH or "\0" in path:
+        raise ConfigError(f"{where}: 'path' (the LoRA file) is required")
+    if expert not in LORA_EXPERTS:
+        raise ConfigError(f"{where}: expert must be one of {', '.join(LORA_EXPERTS)}")
+    return LoraConfig(name, Path(path), expert)
 
 
 def with_overrides(config: Config, **flags: Any) -> Config:

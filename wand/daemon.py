@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +100,14 @@ def _configuration(args: argparse.Namespace) -> config.Config:
 
 def read(entry: config.CheckpointConfig) -> Checkpoint:
     """The checkpoint an entry names, read and checked (raises CheckpointError, ConfigError)."""
-    from wand.wan import read_checkpoint  # heavy imports only once arguments are fine
+    from wand.wan import read_checkpoint, read_lora  # heavy imports once arguments are fine
 
     check_devices(entry.device)
     try:
         spec = read_checkpoint(entry.path, task=entry.task, dtypes=entry.dtypes())
+        for lora in entry.loras:
+            comp = read_lora(lora, spec)
+            spec.components[comp.name] = comp
     except (OSError, ValueError, RecursionError) as e:  # a file problem no check foresaw
         raise CheckpointError(f"{entry.path}: {type(e).__name__}: {str(e)[:300]}") from None
     return Checkpoint(entry.name or spec.task, spec, entry, "config")
@@ -220,6 +224,32 @@ class Daemon:
         )
         return [f"{ckpt.name}/{c}" for c in ckpt.spec.components]
 
+    def load_lora(self, args: dict[str, Any]) -> str:
+        """Add a LoRA to a loaded checkpoint; it lasts until the checkpoint is unloaded (a
+        reload keeps it)."""
+        from wand.wan import read_lora
+
+        args = dict(args)
+        name = args.pop("checkpoint", None)
+        ckpt = self.store.checkpoint(name)
+        entry = config.lora(args, "load_lora")
+        if any(x.name == entry.name for x in ckpt.config.loras):
+            raise WandError(f"{ckpt.name} holds a LoRA named {entry.name!r} already", "bad_args")
+        comp = read_lora(entry, ckpt.spec)
+        ckpt.config = replace(ckpt.config, loras=(*ckpt.config.loras, entry))
+        ckpt.extra_loras.append(entry)
+        self.store.add_component(ckpt.name, comp)
+        log.info("loading LoRA %s for %s from %s", entry.name, ckpt.name, entry.path)
+        return f"{ckpt.name}/{comp.name}"
+
+    def unload_lora(self, checkpoint: str | None, name: str) -> None:
+        """Forget a LoRA in the configuration of its checkpoint (the store retires it)."""
+        ckpt = self.store.checkpoint(checkpoint)
+        ckpt.config = replace(
+            ckpt.config, loras=tuple(x for x in ckpt.config.loras if x.name != name)
+        )
+        ckpt.extra_loras = [x for x in ckpt.extra_loras if x.name != name]
+
     def reload(self) -> dict[str, Any]:
         """Re-read the configuration and every checkpoint; load what changed.
 
@@ -244,14 +274,18 @@ class Daemon:
         report: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "errors": []}
         wanted: dict[str, Checkpoint] = {}
         for entry in self.config.checkpoints:
+            extra = self._extra_loras(entry)
+            entry = replace(entry, loras=(*entry.loras, *extra))
             ckpt = self._read_for_reload(entry, entry.name or str(entry.path), report)
             if ckpt is not None:
+                ckpt.extra_loras = list(extra)
                 wanted[ckpt.name] = ckpt
         for name, loaded in list(self.store.checkpoints.items()):
             if loaded.origin == "runtime":
                 again = self._read_for_reload(loaded.config, name, report)
                 if again is not None:
                     again.name, again.origin = name, "runtime"
+                    again.extra_loras = loaded.extra_loras
                     wanted.setdefault(name, again)
             elif name not in wanted and not report["errors"]:
                 self.store.remove(name)
@@ -264,6 +298,16 @@ class Daemon:
                 report["changed"].append(name)
         log.info("reload: %s", "; ".join(f"{k} {v}" for k, v in report.items() if v) or "no change")
         return report
+
+    def _extra_loras(self, entry: config.CheckpointConfig) -> tuple[config.LoraConfig, ...]:
+        """The LoRAs ``wanctl load-lora`` gave the loaded checkpoint of a configured entry."""
+        loaded = next(
+            (c for c in self.store.checkpoints.values() if c.config.path == entry.path), None
+        )
+        if loaded is None or (entry.name and entry.name != loaded.name):
+            return ()
+        names = {x.name for x in entry.loras}
+        return tuple(x for x in loaded.extra_loras if x.name not in names)
 
     def _read_for_reload(
         self, entry: config.CheckpointConfig, label: str, report: dict[str, list[str]]

@@ -13,7 +13,9 @@ them. What wand adds:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,6 @@ from wand.modules import _some
 if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
 
-Source = str | Path | Mapping[str, torch.Tensor]
 PREFIX = "transformer."  # what diffusers' Wan loader keeps of a converted state dict
 EXPERTS = {
     "high": ("transformer",),
@@ -35,6 +36,28 @@ EXPERTS = {
     "both": ("transformer", "transformer_2"),
 }
 ROLES = {"transformer": "high-noise expert", "transformer_2": "low-noise expert"}
+ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' key in a LoRA file's __metadata__
+
+
+@dataclass
+class ResidentLora:
+    """A LoRA the daemon holds, attached: the file's tensors as it stores them (copy-on-write
+    views of the daemon's memory), the file's metadata (diffusers keeps rank and alpha
+    there), and the expert it goes into unless told otherwise."""
+
+    name: str
+    expert: str
+    metadata: dict[str, str]
+    tensors: dict[str, torch.Tensor]
+    release: Callable[[], None] = lambda: None  # ends the lease (the adapters keep copies)
+
+    def adapter_metadata(self) -> dict[str, Any] | None:
+        """What diffusers reads from a file's ``lora_adapter_metadata``."""
+        raw = self.metadata.get(ADAPTER_METADATA)
+        return json.loads(raw) if raw else None
+
+
+Source = str | Path | Mapping[str, torch.Tensor] | ResidentLora
 
 
 class LoraError(WandError, ValueError):
@@ -164,35 +187,67 @@ class LoraMixin:
     task: str
     pipe: Any  # the diffusers pipeline
     _shared: SharedViews
+    _resident_lora: Any  # name → ResidentLora | None, the daemon's LoRAs for this checkpoint
 
     def load_lora_weights(
-        self, source: Source, adapter_name: str | None = None, expert: str = "high", **kw: Any
+        self,
+        source: Source,
+        adapter_name: str | None = None,
+        expert: str | None = None,
+        **kw: Any,
     ) -> str:
-        """Load a LoRA (a file, a folder with ``weight_name=``, or a state dict) into the
+        """Load a LoRA — a file, a folder with ``weight_name=``, a state dict, or the name of
+        one the daemon holds (``wanctl load-lora``; attached, no file read) — into the
         high-noise expert (``expert="high"``, diffusers' default), the low-noise one
-        (``"low"``, diffusers' ``load_into_transformer_2=True``) or ``"both"``; return the
-        adapter name (default ``default_N``). Checked against every target before loading."""
+        (``"low"``, diffusers' ``load_into_transformer_2=True``) or ``"both"``; a LoRA the
+        daemon holds defaults to the expert it was loaded for. Returns the adapter name
+        (default ``default_N``). Checked against every target before loading."""
         if kw.pop("load_into_transformer_2", False):
             expert = "low"
-        components = self._components(expert)
+        held = self._held(source)
+        by_name = held is not None and not isinstance(source, ResidentLora)
+        components = self._components(expert or (held.expert if held else "high"))
         kw = {"local_files_only": True, **kw}  # never a model hub
-        state = read(source, **kw)
+        state = read(dict(held.tensors) if held else source, **kw)
+        what = f"LoRA {held.name}" if held else label(source)
         for c in components:
-            where = describe(self.task, c, self.pipe.transformer_2 is None)
-            check(state, getattr(self.pipe, c), where, label(source))
+            check(state, getattr(self.pipe, c), describe(self.task, c, self._one_model()), what)
         name = adapter_name or self._new_adapter_name()
         taken = self.get_list_adapters()
         if not kw.get("hotswap") and any(name in taken.get(c, ()) for c in components):
             raise LoraError(f"an adapter named {name!r} is already loaded")
         for c in components:
-            low = c == "transformer_2"
+            if held:  # diffusers' own loading, from the attached tensors and the file's metadata
+                self.pipe.load_lora_into_transformer(
+                    state,
+                    transformer=getattr(self.pipe, c),
+                    adapter_name=name,
+                    metadata=held.adapter_metadata(),
+                    _pipeline=self.pipe,
+                    hotswap=kw.get("hotswap", False),
+                )
+                continue
             self.pipe.load_lora_weights(
                 source if isinstance(source, Mapping) else str(source),
                 adapter_name=name,
-                load_into_transformer_2=low,
+                load_into_transformer_2=c == "transformer_2",
                 **kw,
             )
+        if by_name:
+            held.release()  # peft copied what it needs: the daemon may let go of it
         return name
+
+    def _held(self, source: Source) -> ResidentLora | None:
+        """``source`` as a LoRA the daemon holds: given as such, or by a name that is not a
+        path here."""
+        if isinstance(source, ResidentLora):
+            return source
+        if isinstance(source, str) and not Path(source).exists():
+            return self._resident_lora(source)
+        return None
+
+    def _one_model(self) -> bool:
+        return self.pipe.transformer_2 is None
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: Any = None) -> None:
         """Activate adapters with their scales: one number per adapter, or per adapter a dict

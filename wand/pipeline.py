@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from wand.errors import WandError
-from wand.lora import LoraMixin, SharedViews
+from wand.lora import LoraMixin, ResidentLora, SharedViews
 from wand.wan.sampling import NEGATIVE_PROMPT, SAMPLING, Sampling
 from wand.wan.tasks import TASKS
 
@@ -92,7 +92,12 @@ def build(client: Client, checkpoint: str | None = None, **overrides: Any) -> Vi
         "expand_timesteps": extras["expand_timesteps"],
         **overrides,
     }
-    return VideoPipeline(task, sampling, parts, extras)
+    held = info.get("loras", {})
+
+    def resident_lora(name: str) -> ResidentLora | None:
+        return client.lora(held[name]["address"]) if name in held else None
+
+    return VideoPipeline(task, sampling, parts, extras, resident_lora)
 
 
 class VideoPipeline(LoraMixin):
@@ -107,7 +112,12 @@ class VideoPipeline(LoraMixin):
     """
 
     def __init__(
-        self, task: str, sampling: Sampling, parts: dict[str, Any], extras: dict[str, Any]
+        self,
+        task: str,
+        sampling: Sampling,
+        parts: dict[str, Any],
+        extras: dict[str, Any],
+        resident_lora: Callable[[str], ResidentLora | None] = lambda name: None,
     ) -> None:
         from diffusers import WanImageToVideoPipeline, WanPipeline
 
@@ -117,6 +127,7 @@ class VideoPipeline(LoraMixin):
         self._embeddings: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._marks: dict[str, float] = {}
         self._shared = SharedViews()
+        self._resident_lora = resident_lora
         from_text, from_image = image_modes(extras)
         self.text_pipe = WanPipeline(**parts) if from_text else None
         self.image_pipe = (

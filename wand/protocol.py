@@ -46,6 +46,8 @@ OPS = (
     "unload",
     "reload",
     "logs",
+    "load_lora",
+    "unload_lora",
 )
 
 # Stable error codes: clients and scripts may match on these strings.

@@ -31,12 +31,13 @@ from wand.endpoint import socket_path
 from wand.errors import ProtocolError, WandError
 from wand.fdsocket import FdServer, fd_socket_path
 from wand.logs import RingBuffer
+from wand.spec import LORA_PREFIX, is_lora
 from wand.store import Checkpoint, Resident, Store
 
 log = logging.getLogger("wand.server")
 POLL_MS = 200
-PRIVILEGED = {"load", "unload", "reload", "stop"}
-DEFERRED = {"load", "reload"}  # they read files: done on the worker thread
+PRIVILEGED = {"load", "unload", "reload", "stop", "load_lora", "unload_lora"}
+DEFERRED = {"load", "reload", "load_lora"}  # they read files: done on the worker thread
 MAX_DEFERRED = 8
 SEND_HWM = 64  # replies queued per client before further ones are dropped
 RECV_HWM = 64  # requests queued per client before ZeroMQ stops reading its connection
@@ -50,6 +51,10 @@ class Control(Protocol):
     def load(self, args: dict[str, Any]) -> list[str]: ...
 
     def reload(self) -> dict[str, Any]: ...
+
+    def load_lora(self, args: dict[str, Any]) -> str: ...
+
+    def unload_lora(self, checkpoint: str | None, name: str) -> None: ...
 
     def state(self) -> str: ...
 
@@ -472,14 +477,48 @@ class Server:
                 f"no checkpoint {protocol.short(name)}; loaded: {loaded}", "unknown_component"
             )
         ckpt = self.store.checkpoints[name]
-        residents = {r.id for a, r in self.store.addresses.items() if a.startswith(name + "/")}
+        addresses = [a for a in self.store.addresses if a.startswith(name + "/")]
+        revoked = self._take_away(name, addresses, force, lambda: self.store.remove(name))
+        log.info("unloaded %s (%s)", name, ckpt.spec.path, extra={"WAND_CHECKPOINT": name})
+        return {"name": name, "revoked": revoked}
+
+    def _load_lora(self, peer: Peer, args: dict) -> dict:
+        return {"name": self.control.load_lora(args)}
+
+    def _unload_lora(self, peer: Peer, args: dict) -> dict:
+        name, force = protocol.text(args, "name"), protocol.flag(args, "force")
+        ckpt = self.store.checkpoint(protocol.text(args, "checkpoint", required=False))
+        component = LORA_PREFIX + name
+        if component not in ckpt.spec.components:
+            held = [c.removeprefix(LORA_PREFIX) for c in ckpt.spec.components if is_lora(c)]
+            raise WandError(
+                f"{ckpt.name} holds no LoRA {protocol.short(name)}; it holds: "
+                f"{', '.join(held) or 'none'}",
+                "unknown_component",
+            )
+
+        def drop() -> list[Resident]:
+            self.control.unload_lora(ckpt.name, name)
+            return self.store.remove_component(ckpt.name, component)
+
+        address = f"{ckpt.name}/{component}"
+        revoked = self._take_away(address, [address], force, drop)
+        log.info("unloaded LoRA %s", address, extra={"WAND_CHECKPOINT": ckpt.name})
+        return {"name": address, "revoked": revoked}
+
+    def _take_away(
+        self, what: str, addresses: list[str], force: bool, drop: Callable[[], list[Resident]]
+    ) -> list[int]:
+        """Stop serving ``addresses`` (``drop`` does it and returns the residents retired):
+        refused while clients hold them, unless ``force``, which revokes their leases."""
+        residents = {self.store.addresses[a].id for a in addresses}
         holders = {p.pid: p for rid in residents for p in self.clients.holders(rid)}
         if holders and not force:
             who = ", ".join(f"pid {p.pid} ({p.name or '?'})" for p in holders.values())
-            raise WandError(f"{name} is in use by {who}; unload --force revokes", "in_use")
-        dropped = {r.id for r in self.store.remove(name)}
+            raise WandError(f"{what} is in use by {who}; --force revokes", "in_use")
+        dropped = {r.id for r in drop()}
         why = (
-            f"checkpoint {name} was unloaded with --force; tensors already mapped stay valid, "
+            f"{what} was unloaded with --force; tensors already mapped stay valid, "
             "but the daemon no longer serves them"
         )
         for proc in self.clients.revoke(dropped, why):
@@ -487,12 +526,11 @@ class Server:
                 "revoked leases of pid %d (%s) on %s",
                 proc.pid,
                 proc.name,
-                name,
-                extra={"WAND_CLIENT_PID": proc.pid, "WAND_CHECKPOINT": name},
+                what,
+                extra={"WAND_CLIENT_PID": proc.pid},
             )
-        log.info("unloaded %s (%s)", name, ckpt.spec.path, extra={"WAND_CHECKPOINT": name})
         self.collect()
-        return {"name": name, "revoked": sorted(holders)}
+        return sorted(holders)
 
     def _logs(self, peer: Peer, args: dict) -> dict:
         since = protocol.number(args, "since", 0, 0, 2**63 - 1)
@@ -512,7 +550,16 @@ def _checkpoint_info(ckpt: Checkpoint) -> dict[str, Any]:
         "task": spec.task,
         "layout": spec.layout,
         "origin": ckpt.origin,
-        "components": {c: f"{ckpt.name}/{c}" for c in spec.components},
+        "components": {c: f"{ckpt.name}/{c}" for c in spec.components if not is_lora(c)},
+        "loras": {
+            c.removeprefix(LORA_PREFIX): {
+                "address": f"{ckpt.name}/{c}",
+                "expert": comp.config["expert"],
+                "file": comp.config["file"],
+            }
+            for c, comp in spec.components.items()
+            if is_lora(c)
+        },
         "tokenizer": str(spec.tokenizer) if spec.tokenizer else None,
         "extras": spec.extras,
     }

@@ -40,6 +40,14 @@ class ComponentSpec:
         return sum(t.dtype.itemsize * math.prod(t.shape) for t in self.tensors)
 
 
+LORA_PREFIX = "lora:"  # component names of LoRAs held for a checkpoint: "lora:<name>"
+LORA_CLASS = "wand:lora"  # no module class: a state dict for a LoRA loader
+
+
+def is_lora(component: str) -> bool:
+    return component.startswith(LORA_PREFIX)
+
+
 @dataclass
 class CheckpointSpec:
     path: Path

@@ -103,6 +103,7 @@ class Checkpoint:
     config: CheckpointConfig
     origin: str  # "config" (from the configuration file or flags) or "runtime" (wanctl load)
     stamps: dict[str, tuple] = field(default_factory=dict)  # component → its files' versions
+    extra_loras: list = field(default_factory=list)  # LoraConfigs added by wanctl load-lora
 
     def __post_init__(self) -> None:
         if not self.stamps:
@@ -135,6 +136,37 @@ class Store:
                 self.addresses[f"{ckpt.name}/{comp.name}"] = resident
                 added.append(resident)
             return added
+
+    def checkpoint(self, name: Any) -> Checkpoint:
+        """The loaded checkpoint ``name``, or the only one loaded when ``name`` is None."""
+        with self.lock:
+            if name is None and len(self.checkpoints) == 1:
+                return next(iter(self.checkpoints.values()))
+            if isinstance(name, str) and name in self.checkpoints:
+                return self.checkpoints[name]
+            which = "say which" if name is None else f"no checkpoint {str(name)[:100]!r}"
+            raise WandError(f"{which}; loaded: {self._names()}", "unknown_component")
+
+    def add_component(self, name: str, comp: ComponentSpec) -> Resident:
+        """One more component of a loaded checkpoint (a LoRA added at run time)."""
+        with self.lock:
+            ckpt = self.checkpoints[name]
+            if comp.name in ckpt.spec.components:
+                raise WandError(f"{name}/{comp.name} exists already", "bad_args")
+            ckpt.spec.components[comp.name] = comp
+            ckpt.stamps[comp.name] = identity.stamp(comp)
+            resident = self._resident(comp, ckpt)
+            self.addresses[f"{name}/{comp.name}"] = resident
+            return resident
+
+    def remove_component(self, name: str, component: str) -> list[Resident]:
+        """Stop exposing one component; returns its resident if nothing else uses it."""
+        with self.lock:
+            ckpt = self.checkpoints[name]
+            ckpt.spec.components.pop(component)
+            ckpt.stamps.pop(component, None)
+            dropped = self.addresses.pop(f"{name}/{component}")
+            return [] if self._wanted(dropped) else [dropped]
 
     def replace(self, ckpt: Checkpoint) -> list[Resident]:
         """Reload: components whose files or placement changed get new residents, which take

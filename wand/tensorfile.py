@@ -58,6 +58,7 @@ class TensorFile:
         self.path = Path(path)
         self._infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, int] = {}  # where each tensor's bytes start in the file
+        self.metadata: dict[str, str] = {}  # a safetensors file's __metadata__
         fd = open_regular(self.path)
         try:
             self.size = os.fstat(fd).st_size
@@ -108,7 +109,12 @@ class TensorFile:
             raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: safetensors header is not a JSON object")
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise CheckpointError(f"{self.path}: __metadata__ must map strings to strings")
+        self.metadata = metadata
         base, data = 8 + hlen, self.size - 8 - hlen
         spans = []
         for key, entry in header.items():
