@@ -365,3 +365,31 @@ def test_a_wrong_library_is_a_clear_device_error(tmp_path):
         env={**os.environ, "WAND_LIBCUDA": str(tmp_path / "nope.so")},
     )
     assert "cannot load the CUDA driver" in out.stdout and "nope.so" in out.stdout
+
+
+def _probe(fake, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "wand.gpuprobe", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WAND_LIBCUDA": str(fake), **env},
+    )
+
+
+def test_the_device_checks_probe_runs_its_steps(fake_libcuda):
+    out = _probe(fake_libcuda)
+    assert out.returncode == 0, out.stdout + out.stderr
+    found = json.loads(out.stdout)
+    (device,) = found["devices"]["devices"]
+    assert device["vmm"] and device["posix_fd"] and device["granularity"] == 2 << 20
+    assert found["read_only"]["read_only"] and found["export"]["exported"]
+    assert found["kept_by_fd"]["same"]  # the exporter had gone; a context-less fd held it
+    found = json.loads(_probe(fake_libcuda, FAKECUDA_NO_READONLY="1").stdout)
+    assert (
+        found["read_only"]["read_only"] is False
+        and "cuMemSetAccess" in found["read_only"]["refused"]
+    )
+    refused = _probe(fake_libcuda, FAKECUDA_NO_POSIX_FD="1")
+    assert refused.returncode == 1
+    assert not json.loads(refused.stdout)["devices"]["devices"][0]["posix_fd"]

@@ -73,9 +73,15 @@ def gpu(g: dict[str, Any]) -> str:
         if g.get("total_bytes")
         else "free memory unknown"
     )
+    writable = [x["component"] for x in g["residents"] if x.get("read_only") is False]
+    warning = (
+        f"; READ-WRITE for clients (the driver refused read-only mappings): {', '.join(writable)}"
+        if writable
+        else ""
+    )
     return (
         f"{g['device']} {g['uuid']} {g['name']}: wand holds {size(g['held_bytes'])} "
-        f"in {len(g['residents'])} slabs; {free}"
+        f"in {len(g['residents'])} slabs; {free}{warning}"
     )
 
 

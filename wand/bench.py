@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,9 +37,20 @@ def run(
     workdir: Path | None = None,
     generate: bool = False,
 ) -> dict[str, Any]:
+    """Every figure of ``wanctl bench``; the work folder is removed after unless given."""
+    work = Path(workdir or tempfile.mkdtemp(prefix="wand-bench-"))
+    try:
+        return _run(work, checkpoint, repeat, width, generate)
+    finally:
+        if workdir is None:  # the checkpoints it wrote are gigabytes: never left behind
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(
+    work: Path, checkpoint: Path | None, repeat: int, width: int, generate: bool
+) -> dict[str, Any]:
     from wand.wan import read_checkpoint
 
-    work = Path(workdir or tempfile.mkdtemp(prefix="wand-bench-"))
     baseline_dir = None
     if checkpoint is None:
         checkpoint, baseline_dir = (
@@ -64,9 +76,16 @@ def run(
         result["daemon"]["gbps"] = result["disk_bytes"] / result["daemon"]["load_seconds"] / 1e9
         result["attach_state_dicts"] = _fresh_client_times(endpoint, "state_dicts", repeat)
         result["attach_modules"] = _fresh_client_times(endpoint, "modules", repeat)
+        result["lora"] = lora_times(work, checkpoint, endpoint, min(repeat, 3))
     finally:
         daemon.terminate()
         daemon.wait(30)
+    small = (
+        checkpoint
+        if baseline_dir is None
+        else _make_checkpoint(work, "original", width // 2, "half")
+    )
+    result["restart"] = [restart_times(c, work) for c in (small, checkpoint)]
     if baseline_dir is not None:
         result["from_pretrained"] = _fresh(["from_pretrained", str(baseline_dir)])
     if generate:
@@ -110,6 +129,67 @@ def generate_times(work: Path, preset: str, repeat: int, width: int) -> dict[str
     }
 
 
+def restart_times(checkpoint: Path, work: Path, *flags: str) -> dict[str, Any]:
+    """Seconds from process start to READY=1: a cold start, then a restart after a crash
+    (SIGKILL) that adopts every slab from the fd store (systemd's, played by NotifyHost)."""
+    from wand.client import Client
+    from wand.notifyhost import NotifyHost
+
+    host = NotifyHost()
+    endpoint = f"ipc://{work}/restart.sock"
+    cmd = [sys.executable, "-m", "wand.daemon", "--checkpoint", str(checkpoint)]
+    cmd += ["--endpoint", endpoint, "--log-level", "WARNING", *flags]
+    times, proc = [], None
+    try:
+        for _ in range(2):
+            start = time.perf_counter()
+            proc = host.start(cmd, work / "restart.log")
+            host.collect(lambda m: any(x.startswith("READY=1") for x in m), timeout=1800)
+            times.append(time.perf_counter() - start)
+            with Client(endpoint, name="bench") as c:
+                comps = c.status()["components"]
+            host.messages.clear()
+            proc.kill()  # a crash: Restart= brings it back with the stored descriptors
+            proc.wait()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        host.close()
+    return {
+        "resident_bytes": sum(c["bytes"] for c in comps),
+        "cold_seconds": times[0],
+        "adopted_seconds": times[1],
+        "adopted": sum(c["adopted"] for c in comps),
+        "components": len(comps),
+    }
+
+
+def lora_times(work: Path, checkpoint: Path, endpoint: str, repeat: int) -> dict[str, Any]:
+    """A rank-64 LoRA on every block layer of both experts: loading it into a fresh client's
+    pipeline from its file vs. attaching it from the daemon, and what fusing costs."""
+    from wand.client import Client
+    from wand.wan.tiny_lora import write_tiny_lora
+
+    path = write_tiny_lora(work / "bench-lora.safetensors", checkpoint, "comfy", rank=64)
+    with Client(endpoint, name="bench") as c:
+        address = c.request("load_lora", name="bench", path=str(path), expert="both", timeout=600)
+        while {x["name"]: x for x in c.list()}[address["name"]]["state"] != "ready":
+            time.sleep(0.1)
+    runs = {
+        how: [_fresh([f"lora_{how}", endpoint, str(path)]) for _ in range(repeat)]
+        for how in ("file", "daemon")
+    }
+    fused = runs["daemon"][-1]
+    return {
+        "file_bytes": path.stat().st_size,
+        "file_seconds": statistics.median(r["seconds"] for r in runs["file"]),
+        "daemon_seconds": statistics.median(r["seconds"] for r in runs["daemon"]),
+        "fused_bytes": fused["fused_bytes"],
+        "fused_layers_bytes": fused["fused_layers_bytes"],
+        "runs": repeat,
+    }
+
+
 def _to_first_step(args: list[str]) -> float:
     """Run ``python *args``; seconds from its launch to the first denoising step it reports."""
     start = time.time()
@@ -125,11 +205,11 @@ def _generation_options() -> list[str]:
     ]
 
 
-def _make_checkpoint(work: Path, layout: str, width: int) -> Path:
+def _make_checkpoint(work: Path, layout: str, width: int, name: str | None = None) -> Path:
     """Write a bench-preset t2v-A14B checkpoint in a child process: generating it in this
     one left gigabytes of freed heap behind that slowed the daemon's load measured next
     (0.94 s against 0.46 s on the 2-core VM)."""
-    dest = work / layout
+    dest = work / (name or layout)
     subprocess.run(
         [
             sys.executable,
@@ -256,6 +336,40 @@ def _import_classes() -> None:
         resolve_class(cls)
 
 
+def _measure_lora(endpoint: str, path: str, how: str) -> dict[str, float]:
+    """Load the bench LoRA into both experts (from its file, or the daemon's by name); with
+    the daemon's, also fuse it and measure the private memory fusing takes."""
+    import wand
+
+    _import_classes()
+    with wand.connect(endpoint) as c:
+        vp = c.pipeline()
+        start = time.perf_counter()
+        vp.load_lora_weights(path if how == "file" else "bench", expert="both")
+        out = {"seconds": time.perf_counter() - start}
+        if how == "daemon":
+            before = _private_bytes()
+            vp.fuse_lora()
+            out["fused_bytes"] = _private_bytes() - before
+            out["fused_layers_bytes"] = sum(
+                layer.get_base_layer().weight.nbytes for layer in _fused_layers(vp)
+            )
+    return out
+
+
+def _fused_layers(vp: Any) -> list[Any]:
+    from wand.lora import tuner_layers
+
+    models = [vp.pipe.transformer, vp.pipe.transformer_2]
+    return [la for m in models if m is not None for la in tuner_layers(m) if la.merged]
+
+
+def _private_bytes() -> int:
+    """This process's anonymous resident memory (private copies live there)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
 def _measure_from_pretrained(folder: str) -> float:
     _import_classes()
     start = time.perf_counter()
@@ -351,8 +465,29 @@ def render(r: dict[str, Any]) -> str:
             f"from_pretrained x4       {fp:8.3f} s   (fresh process, after imports; "
             f"{fp / mods:.1f}x the attach of 4 modules)"
         )
+    lines += [render_restart(x) for x in r.get("restart", [])]
+    if "lora" in r:
+        lines += render_lora(r["lora"])
     lines += [render_generate(p, g) for p, g in r.get("generate", {}).items()]
     return "\n".join(lines)
+
+
+def render_restart(x: dict[str, Any]) -> str:
+    return (
+        f"restart to READY         {x['adopted_seconds']:8.3f} s  with {x['adopted']} of "
+        f"{x['components']} slabs adopted from the fd store vs {x['cold_seconds']:.3f} s cold "
+        f"({x['resident_bytes'] / 1e9:.2f} GB resident; from process start)"
+    )
+
+
+def render_lora(x: dict[str, Any]) -> list[str]:
+    return [
+        f"LoRA into both experts   {x['daemon_seconds'] * 1e3:8.1f} ms attached from the daemon "
+        f"vs {x['file_seconds'] * 1e3:.1f} ms from its file ({x['file_bytes'] / 1e6:.1f} MB, "
+        f"rank 64; median of {x['runs']} fresh clients)",
+        f"fused LoRA costs         {x['fused_bytes'] / 1e6:8.1f} MB private memory in the "
+        f"client (the fused layers' weights: {x['fused_layers_bytes'] / 1e6:.1f} MB)",
+    ]
 
 
 def render_generate(preset: str, g: dict[str, Any]) -> str:
@@ -365,9 +500,12 @@ def render_generate(preset: str, g: dict[str, Any]) -> str:
 
 
 def _main(argv: list[str]) -> None:
-    what, arg = argv
+    what, arg, *rest = argv
     if what == "first_step":
         print(json.dumps(_measure_first_step(arg)))
+        return
+    if what.startswith("lora_"):
+        print(json.dumps(_measure_lora(arg, rest[0], what.removeprefix("lora_"))))
         return
     measure = {
         "state_dicts": _measure_state_dicts,

@@ -583,12 +583,13 @@ def _gpus(store: Store, residents: list[Resident]) -> list[dict[str, Any]]:
                 "component": r.spec.name,
                 "names": names,
                 "bytes": slab.nbytes if slab else 0,
+                "allocated": getattr(slab, "size", 0),  # whole granules of the allocation
                 "state": r.state,
                 "read_only": getattr(slab, "read_only", None),
             }
         )
     for g in gpus.values():
-        g["held_bytes"] = sum(x["bytes"] for x in g["residents"])
+        g["held_bytes"] = sum(x["allocated"] for x in g["residents"])
         g["free_bytes"], g["total_bytes"] = _memory(g["index"])
     return list(gpus.values())
 
