@@ -41,7 +41,7 @@ class ConnectError(WandError):
 
 
 class DeviceError(WandError):
-    """A placement this process cannot use: no such GPU, or a driver without VMM and POSIX-fd handles."""
+    """A placement this process cannot use: no such GPU, or no VMM and POSIX-fd handles."""
 
     code = "device"
 
