@@ -1,8 +1,8 @@
 """``wanctl chaos``: a seeded reliability suite that torments a daemon and counts.
 
 Phases, each in a module of its own: ``messages`` (hostile requests), ``kills`` (clients
-SIGKILLed at every stage of their work), ``attach`` (many clients attaching at once) and
-``files`` (broken checkpoints). Around
+SIGKILLed at every stage of their work), ``attach`` (many clients attaching at once),
+``files`` (broken checkpoints) and ``floods`` (idle connections by the thousand). Around
 every phase a watchdog pings the daemon (a ping unanswered within 2 s is a freeze), and the
 daemon must be alive at its end with no new traceback in its log; a daemon of the suite's
 own that died is started again for the next phase. Like the benchmark, this is a tool around
@@ -25,7 +25,7 @@ from wand.chaos.verdict import PhaseResult
 if TYPE_CHECKING:
     from wand.chaos.target import Target, Watchdog
 
-PHASES = ("messages", "kills", "attach", "files")
+PHASES = ("messages", "kills", "attach", "files", "floods")
 
 
 @dataclass(frozen=True)
