@@ -53,6 +53,7 @@ def run(target: Target, rng: random.Random, opts: Options) -> PhaseResult:
     result.check(bool(latencies), "no attach succeeded")
     after = target.settle(before, result)
     result.figures["clients"] = [before["clients"], after["clients"]]
+    result.figures["tracked"] = [before["tracked"], after["tracked"]]
     return result
 
 
