@@ -17,7 +17,7 @@ from typing import Any
 
 from wanctl import generate, manage, units
 from wand import __version__
-from wand.chaos import PHASES, positive
+from wand.chaos import PHASES, positive, seconds
 from wand.config import TASKS
 from wand.errors import ConnectError, WandError
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--messages", type=positive, default=10_000, help="hostile messages")
     chaos.add_argument("--kills", type=positive, default=1000, help="client processes killed")
     chaos.add_argument("--clients", type=positive, default=64, help="processes attaching at once")
-    chaos.add_argument("--seconds", type=float, default=60.0, help="how long they attach")
+    chaos.add_argument("--seconds", type=seconds, default=60.0, help="how long they attach")
     chaos.add_argument("--only", action="append", choices=PHASES, help="this phase (repeatable)")
     generate.add_parser(sub, common)
     tiny = sub.add_parser(

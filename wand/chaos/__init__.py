@@ -55,6 +55,14 @@ def positive(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a duration above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def run(opts: Options) -> dict[str, Any]:
     """Every phase of ``opts.only``, in order; the result is what ``--json`` prints."""
     from wand.chaos import forked
