@@ -94,13 +94,13 @@ def _load(
     argv += ["chaos-bad", *args]
     start = time.monotonic()
     proc, conn = forked.start(wanctl, argv, str(out))
+    conn.close()
     proc.join(TIME_BOUND)
     seconds = time.monotonic() - start
     if proc.exitcode is None:
         forked.kill(proc)
         result.fail(f"{name}: wanctl load {' '.join(args)} did not return in {TIME_BOUND:g} s")
         return seconds, "hung"
-    conn.close()
     text = out.read_text(errors="replace").strip()
     refusal = REFUSAL.search(text)
     missing = [w for w in words if w not in text]
