@@ -17,6 +17,7 @@ from typing import Any
 
 from wanctl import generate, manage, units
 from wand import __version__
+from wand.chaos import PHASES, positive, seconds
 from wand.config import TASKS
 from wand.errors import ConnectError, WandError
 from wand.spec import LORA_CLASS
@@ -82,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time process start to first denoising step: wanctl generate against "
         "from_pretrained, on a tiny and a real-tensor-count checkpoint",
     )
+    chaos = sub.add_parser(
+        "chaos",
+        parents=[common],
+        help="reliability suite: hostile messages, killed clients, many attaches, broken files",
+        description="Starts a daemon on a tiny checkpoint (or uses --endpoint's), torments it "
+        "and counts; exit status 1 if any check fails.",
+    )
+    chaos.add_argument("--seed", type=int, default=0)
+    chaos.add_argument("--messages", type=positive, default=10_000, help="hostile messages")
+    chaos.add_argument("--kills", type=positive, default=1000, help="client processes killed")
+    chaos.add_argument("--clients", type=positive, default=64, help="processes attaching at once")
+    chaos.add_argument("--seconds", type=seconds, default=60.0, help="how long they attach")
+    chaos.add_argument("--only", action="append", choices=PHASES, help="this phase (repeatable)")
     generate.add_parser(sub, common)
     tiny = sub.add_parser(
         "make-tiny",
@@ -188,6 +202,14 @@ def _bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _chaos(args: argparse.Namespace) -> int:
+    from wand import chaos
+
+    result = chaos.run(chaos.Options.of(args))
+    print(json.dumps(result, indent=2) if args.json else chaos.render(result))
+    return EXIT_OK if result["passed"] else EXIT_ERROR
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from wand.wan import write_tiny
 
@@ -216,6 +238,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "stop": _daemon("stop", lambda r: "stopping"),
     "verify": _verify,
     "bench": _bench,
+    "chaos": _chaos,
     "generate": generate.run,
     "make-tiny": _make_tiny,
     "install-units": units.run,
