@@ -27,23 +27,7 @@ CI_PASS += ["--seconds", "5", "--json"]
 
 # Bugs the suite found that are not fixed yet, as the failures they cause (per phase);
 # delete an entry once its bug is fixed. Any other failure fails this test.
-KNOWN_BUGS = {
-    "files": {
-        "wanctl load crashes on a symlink loop (Path.resolve raises RuntimeError)": (
-            r"^symlink loop: wanctl load .* crashed: RuntimeError: Symlink loop",
-        ),
-    },
-    "floods": {
-        "256 idle fd-socket connections make every other client's attach fail": (
-            r"^attaching \S+ failed while \d+ idle connections were open on the fd socket",
-        ),
-        "idle ZeroMQ connections up to the descriptor limit abort the daemon (libzmq EMFILE)": (
-            r"^daemon died \(signal SIGABRT\).*Too many open files \(src/ipc_listener",
-            r"^a new client got no ping answered while \d+ idle connections",  # it is dead
-            r"^freeze: .*no daemon is listening",  # likewise
-        ),
-    },
-}
+KNOWN_BUGS: dict[str, dict[str, tuple[str, ...]]] = {}
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 
 
 def load(args: argparse.Namespace) -> int:
-    request = {"path": str(args.path.resolve())}
+    request = {"path": os.path.abspath(args.path)}  # the daemon resolves links itself
     request.update({k: v for k, v in (("name", args.name), ("task", args.task)) if v})
     for key in ("device", "dtype"):
         if getattr(args, key):
@@ -84,7 +85,7 @@ def unload(args: argparse.Namespace) -> int:
 
 def load_lora(args: argparse.Namespace) -> int:
     request = {
-        "path": str(args.path.resolve()),
+        "path": os.path.abspath(args.path),
         "name": args.name or args.path.name.removesuffix(".safetensors"),
         "expert": args.expert,
     }

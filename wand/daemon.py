@@ -12,6 +12,7 @@ import argparse
 import errno
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _raise_descriptor_limit()
     ring = logs.setup(args.log_level)
     notifier = systemd.Notifier()
     try:
@@ -84,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             return EX_CONFIG
         notifier.failed(str(e), errno.EIO)
         return 1
+
+
+def _raise_descriptor_limit() -> None:
+    """Every client connection and tracked process costs a descriptor: use all we may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _configuration(args: argparse.Namespace) -> config.Config:

@@ -8,7 +8,10 @@ group). An attach reply carries a one-time ticket; the client connects, sends
 connection (``SO_PEERCRED``): only the process the ticket was issued to gets the descriptor.
 
 The daemon side never blocks: connections are non-blocking, read in the serving loop, and
-dropped if they have not sent a ticket within a few seconds or there are too many of them.
+dropped if they have not sent a ticket within two seconds. Connections that say nothing
+cannot crowd out the others: past :data:`MAX_PER_UID` waiting connections of one user, or
+:data:`MAX_CONNECTIONS` in all, the oldest waiting one is dropped for the newcomer (a real
+client's ticket arrives within a round trip of its connect, long before it is the oldest).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ SUFFIX = ".fds.sock"
 MAGIC = b"WAND1 "
 MAX_LINE = 128
 MAX_CONNECTIONS = 256
-CONNECTION_SECONDS = 5.0
+MAX_PER_UID = 16  # connections of one user waiting to send their ticket
+CONNECTION_SECONDS = 2.0  # a client sends its ticket as soon as it is connected
 
 # (pid, uid, ticket) → (descriptor to send or None, reply); the server closes the descriptor
 Redeem = Callable[[int, int, str], tuple[int | None, dict[str, Any]]]
@@ -60,7 +64,7 @@ class FdServer:
             sock.bind(str(path))
         finally:
             os.umask(old)
-        sock.listen(64)
+        sock.listen(256)
         return cls(sock, redeem)
 
     def fds(self) -> list[int]:
@@ -85,7 +89,7 @@ class FdServer:
         self.sock.close()
 
     def _accept(self) -> None:
-        for _ in range(16):  # a few per wake-up; the rest wait in the backlog
+        for _ in range(64):  # a batch per wake-up; the rest wait in the backlog
             try:
                 sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -93,11 +97,14 @@ class FdServer:
             except OSError as e:  # EMFILE and the like: try again later
                 log.warning("fd socket: accept failed: %s", e)
                 return
-            if len(self._conns) >= MAX_CONNECTIONS:
-                sock.close()
-                continue
             sock.setblocking(False)
-            conn = _Conn(sock, time.monotonic() + CONNECTION_SECONDS)
+            uid = _credentials(sock)[1]
+            mine = [c for c in self._conns.values() if c.uid == uid]
+            if len(mine) >= MAX_PER_UID:
+                self._drop(mine[0])
+            elif len(self._conns) >= MAX_CONNECTIONS:
+                self._drop(next(iter(self._conns.values())))
+            conn = _Conn(sock, uid, time.monotonic() + CONNECTION_SECONDS)
             self._conns[sock.fileno()] = conn
 
     def _read(self, conn: _Conn) -> None:
@@ -119,9 +126,7 @@ class FdServer:
             line = conn.buf.rstrip(b"\n")
             if not line.startswith(MAGIC):
                 raise WandError("expected 'WAND1 <ticket>'", "bad_message")
-            pid, uid, _ = struct.unpack(
-                "3i", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            )
+            pid, uid = _credentials(conn.sock)
             fd, reply = self.redeem(pid, uid, line[len(MAGIC) :].decode("ascii", "replace"))
         except WandError as e:
             reply = {"ok": False, "error": {"code": e.code, "message": str(e)}}
@@ -141,8 +146,14 @@ class FdServer:
 
 
 class _Conn:
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock, self.deadline, self.buf = sock, deadline, b""
+    def __init__(self, sock: socket.socket, uid: int, deadline: float) -> None:
+        self.sock, self.uid, self.deadline, self.buf = sock, uid, deadline, b""
+
+
+def _credentials(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end, as the kernel saw it at connect()."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid
 
 
 def fetch(path: Path, ticket: str, timeout: float) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import resource
 import socket
 import stat
 import threading
@@ -42,6 +43,8 @@ MAX_DEFERRED = 8
 SEND_HWM = 64  # replies queued per client before further ones are dropped
 RECV_HWM = 64  # requests queued per client before ZeroMQ stops reading its connection
 MAX_CLIENT_NAME = 256
+HANDSHAKE_MS = 5000  # a connection that has not greeted in ZMTP by then is closed
+GUARD_EVERY, GUARD_HIGH, GUARD_LOW = 1.0, 0.9, 0.7  # descriptor checks: seconds, fractions
 
 
 class Control(Protocol):
@@ -97,6 +100,9 @@ class Server:
         self.stopping = False
         self.fds: FdServer | None = None
         self._inherited = False
+        self._inherited_fd: int | None = None
+        self._listening = False
+        self._next_guard = 0.0
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         for option, value in (
@@ -105,6 +111,7 @@ class Server:
             (zmq.ROUTER_MANDATORY, 1),
             (zmq.SNDHWM, SEND_HWM),
             (zmq.RCVHWM, RECV_HWM),
+            (zmq.HANDSHAKE_IVL, HANDSHAKE_MS),
         ):
             self._sock.setsockopt(option, value)
         self._ops: dict[str, Callable[[Peer, dict], Any]] = {
@@ -121,16 +128,11 @@ class Server:
     def bind(self, inherited: int | None = None, inherited_fds: int | None = None) -> None:
         """Listen on the endpoint and its fd socket, or on the sockets systemd passed."""
         path = socket_path(self.endpoint)
-        if inherited is not None:
-            self._sock.setsockopt(zmq.USE_FD, inherited)
-            self._inherited = True
-        elif path is not None:
+        self._inherited_fd = inherited
+        self._inherited = inherited is not None
+        if path is not None and not self._inherited:
             _claim(path, self.endpoint)
-        old = os.umask(0o117)  # the socket file is created 0660: no window with another mode
-        try:
-            self._sock.bind(self.endpoint)
-        finally:
-            os.umask(old)
+        self._listen()
         if inherited_fds is not None:
             sock = socket.socket(fileno=inherited_fds)
             self.fds = FdServer(sock, self._redeem)
@@ -139,6 +141,40 @@ class Server:
             _claim(fds_path, f"ipc://{fds_path}")
             self.fds = FdServer.bind(fds_path, self._redeem)
         log.info("listening on %s%s", self.endpoint, " (socket activation)" * self._inherited)
+
+    def _listen(self) -> None:
+        if self._inherited_fd is not None:  # a copy: unbinding closes what libzmq was given
+            self._sock.setsockopt(zmq.USE_FD, os.dup(self._inherited_fd))
+        old = os.umask(0o117)  # the socket file is created 0660: no window with another mode
+        try:
+            self._sock.bind(self.endpoint)
+        finally:
+            os.umask(old)
+        self._listening = True
+
+    def _guard_descriptors(self) -> None:
+        """libzmq aborts the process when accepting a connection finds no descriptor left
+        (EMFILE in its ipc listener). So: near the limit, stop accepting connections until
+        enough of them have closed; the daemon and the clients connected already go on."""
+        now = time.monotonic()
+        if now < self._next_guard:
+            return
+        self._next_guard = now + GUARD_EVERY
+        used, limit = (
+            len(os.listdir("/proc/self/fd")),
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
+        if self._listening and used > GUARD_HIGH * limit:
+            log.error(
+                "%d of %d descriptors in use: not accepting new connections until some close",
+                used,
+                limit,
+            )
+            self._sock.unbind(self.endpoint)
+            self._listening = False
+        elif not self._listening and used < GUARD_LOW * limit:
+            log.warning("%d of %d descriptors in use: accepting connections again", used, limit)
+            self._listen()
 
     def serve(self, tick: Callable[[], None] = lambda: None) -> None:
         """Answer requests until stopped; ``tick`` runs at least every 200 ms."""
@@ -155,6 +191,7 @@ class Server:
             if self.fds is not None:
                 self.fds.expire()
             self.collect()
+            self._guard_descriptors()
             tick()
 
     def submit(

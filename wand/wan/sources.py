@@ -48,7 +48,8 @@ def open_index(index: Path) -> Source:
         if shard not in shards:
             path = index.parent / shard
             if not is_file(path):
-                raise CheckpointError(f"{index}: shard {shard!r} (holding {key!r}) is missing")
+                what = "is not a regular file" if path.exists() else "is missing"
+                raise CheckpointError(f"{index}: shard {shard!r} (holding {key!r}) {what}")
             shards[shard] = TensorFile(path)
         if key not in shards[shard].keys():
             raise CheckpointError(f"{shards[shard].path}: no tensor {key!r} (listed in {index})")
