@@ -9,10 +9,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
+import zmq
 
 import wand
 from wand.errors import WandError
@@ -115,6 +117,44 @@ def daemon_slabs(pid: int) -> list[str]:
         if target.startswith("/memfd:wand:"):
             found.append(target.removeprefix("/memfd:wand:").removesuffix(" (deleted)"))
     return sorted(found)
+
+
+def as_nobody(job: Callable[[], bytes]) -> bytes:
+    """What ``job`` returns when run in a forked child as uid and gid 65534 (needs root)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, job())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        return os.read(r, 1 << 20)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+
+
+class Raw:
+    """A bare DEALER on a daemon's endpoint, for sending anything at all."""
+
+    def __init__(self, endpoint: str, timeout_ms: int = 10000) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        self.sock.connect(endpoint)
+
+    def ask(self, msg: dict) -> dict:
+        self.sock.send(msgpack.packb(msg))
+        return msgpack.unpackb(self.sock.recv())
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
 
 
 def run_wanctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

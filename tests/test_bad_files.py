@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, daemon_slabs
+from conftest import ROOT, Raw, daemon_slabs
 
 from wand.errors import CheckpointError
 from wand.wan import read_checkpoint, write_tiny
@@ -277,14 +277,7 @@ def test_an_unreadable_file_is_exit_78_naming_it(tiny, tmp_path):
 
 
 def test_load_arguments_of_the_wrong_shape_are_bad_args(daemon):
-    import msgpack
-    import zmq
-
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, 10000)
-    s.connect(daemon.endpoint)
+    raw = Raw(daemon.endpoint)
     try:
         bad = [
             {"path": "/x", b"name": "y"},
@@ -294,12 +287,10 @@ def test_load_arguments_of_the_wrong_shape_are_bad_args(daemon):
             {"path": "/x\0y"},
         ]
         for i, args in enumerate(bad):
-            s.send(msgpack.packb({"v": 1, "id": i, "op": "load", "args": args}))
-            reply = msgpack.unpackb(s.recv())
+            reply = raw.ask({"v": 1, "id": i, "op": "load", "args": args})
             assert reply["error"]["code"] in ("bad_args", "config"), (args, reply)
     finally:
-        s.close()
-        ctx.term()
+        raw.close()
 
 
 def test_unload_and_reload_while_loading_neither_leak_nor_crash(daemon, tmp_path):

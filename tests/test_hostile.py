@@ -12,34 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-import msgpack
 import pytest
 import zmq
-from conftest import ROOT
+from conftest import ROOT, Raw, as_nobody
 
 import wand
 from wand import protocol
 from wand.logs import MAX_LINE, RingBuffer
 from wand.process import start_time
-
-
-class Raw:
-    """A bare DEALER on the daemon's endpoint, for sending anything at all."""
-
-    def __init__(self, endpoint: str, timeout_ms: int = 10000) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-        self.sock.connect(endpoint)
-
-    def ask(self, msg: dict) -> dict:
-        self.sock.send(msgpack.packb(msg))
-        return msgpack.unpackb(self.sock.recv())
-
-    def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
 
 
 @pytest.fixture
@@ -348,24 +328,19 @@ def test_a_stale_socket_is_reported_at_once(tiny, start_daemon):
 def test_a_user_without_permission_is_told_so(daemon):
     path = Path(daemon.endpoint.removeprefix("ipc://"))
     os.chmod(path.parent, 0o755)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+
+    def connect() -> bytes:
         try:
-            os.setgid(65534)
-            os.setuid(65534)
-            try:
-                wand.connect(daemon.endpoint, timeout=30)
-                os.write(w, b"connected")
-            except wand.WandError as e:
-                os.write(w, str(e).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
+            wand.connect(daemon.endpoint, timeout=30)
+            return b"connected"
+        except wand.WandError as e:
+            return str(e).encode()
+
     start = time.monotonic()
-    message = os.read(r, 4096).decode()
-    os.waitpid(pid, 0)
-    os.chmod(path.parent, 0o700)
+    try:
+        message = as_nobody(connect).decode()
+    finally:
+        os.chmod(path.parent, 0o700)
     assert time.monotonic() - start < 5
     assert f"permission denied on {path}" in message and "group root" in message, message
 

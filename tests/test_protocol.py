@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 import zmq
+from conftest import Raw
 
 from wand import protocol
 from wand.process import own_start
@@ -15,14 +16,9 @@ START = own_start()
 @pytest.fixture
 def raw(daemon):
     """A bare DEALER socket on the daemon's endpoint, for sending anything at all."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 5000)
-    sock.connect(daemon.endpoint)
-    yield sock
-    sock.close()
-    ctx.term()
+    r = Raw(daemon.endpoint, timeout_ms=5000)
+    yield r.sock
+    r.close()
 
 
 def exchange(sock, *frames: bytes) -> dict:

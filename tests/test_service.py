@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-import zmq
-from conftest import ROOT, Daemon, daemon_slabs, run_wanctl
+from conftest import ROOT, Daemon, Raw, as_nobody, daemon_slabs, run_wanctl
 
 import wand
 from wand import protocol
@@ -302,25 +301,13 @@ def test_reload_follows_the_configuration_file(tiny, tmp_path):
 
 def _as_nobody(endpoint: str, op: str) -> dict:
     """Send one request from a forked child running as uid 65534."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            ctx = zmq.Context()
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RCVTIMEO, 10000)
-            s.connect(endpoint)
-            s.send(protocol.request(1, op))
-            os.write(w, s.recv())
-        finally:
-            os._exit(0)
-    os.close(w)
-    body = os.read(r, 1 << 20)
-    os.waitpid(pid, 0)
-    return protocol.parse_reply(body)
+
+    def ask() -> bytes:
+        raw = Raw(endpoint)
+        raw.sock.send(protocol.request(1, op))
+        return raw.sock.recv()
+
+    return protocol.parse_reply(as_nobody(ask))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
@@ -368,3 +355,43 @@ def test_the_config_knows_the_same_tasks_as_the_checkpoint_reader():
     from wand.wan import TASKS
 
     assert config.TASKS == tuple(TASKS)  # config keeps a copy: it must not import wand.wan
+
+
+def test_reload_of_unchanged_shared_checkpoints_reports_no_change(tiny, tmp_path):
+    cfg = write_config(
+        tmp_path / "wand.toml",
+        f'[[checkpoint]]\npath = "{tiny("t2v-A14B")}"\n\n'
+        f'[[checkpoint]]\nname = "i2v"\npath = "{tiny("i2v-A14B")}"\n',
+    )
+    d = Daemon(None, "--config", str(cfg)).wait_ready()
+    try:
+        report = json.loads(d.wanctl("reload", "--json").stdout)
+        assert report == {"added": [], "changed": [], "removed": [], "errors": []}
+    finally:
+        d.stop()
+
+
+def test_a_daemon_with_nothing_to_serve_says_so(start_daemon, tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    d = start_daemon(None, "--config", str(empty))
+    deadline = time.monotonic() + 60
+    while "no checkpoint configured" not in d.output():
+        assert time.monotonic() < deadline and d.proc.poll() is None, d.output()
+        time.sleep(0.1)
+    assert "wanctl load PATH" in d.output()
+
+
+PS_NAME = """
+import os, sys, wand
+with wand.connect(sys.argv[1]) as c:
+    c.attach("vae")
+    print([p["name"] for p in c.ps() if p["pid"] == os.getpid()][0])
+"""
+
+
+def test_ps_names_python_clients_by_what_they_run(daemon):
+    out = subprocess.run(
+        [sys.executable, "-c", PS_NAME, daemon.endpoint], capture_output=True, text=True
+    )
+    assert out.stdout.strip() == f"{os.path.basename(sys.executable)} -c", out.stderr

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, as_nobody
 
 import wand
 from wand import fdsocket
@@ -206,24 +206,17 @@ def test_the_fd_socket_gives_descriptors_only_to_the_lease_holder(daemon):
 def test_the_fd_socket_is_closed_to_users_outside_its_group(daemon):
     fds_path = Path(daemon.endpoint.removeprefix("ipc://")).with_name("wand.fds.sock")
     os.chmod(fds_path.parent, 0o755)
-    try:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
+
+    def connect() -> bytes:
+        with socket.socket(socket.AF_UNIX) as s:
             try:
-                os.setgid(65534)
-                os.setuid(65534)
-                with socket.socket(socket.AF_UNIX) as s:
-                    try:
-                        s.connect(str(fds_path))
-                        os.write(w, b"connected")
-                    except PermissionError:
-                        os.write(w, b"refused")
-            finally:
-                os._exit(0)
-        os.close(w)
-        answer = os.read(r, 100)
-        os.waitpid(pid, 0)
+                s.connect(str(fds_path))
+                return b"connected"
+            except PermissionError:
+                return b"refused"
+
+    try:
+        answer = as_nobody(connect)
     finally:
         os.chmod(fds_path.parent, 0o700)
     assert answer == b"refused"

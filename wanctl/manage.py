@@ -73,13 +73,7 @@ def load(args: argparse.Namespace) -> int:
 
 def unload(args: argparse.Namespace) -> int:
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
-        reply = c.request("unload", name=args.name, force=args.force)
-    revoked = f" (revoked leases of pids {', '.join(map(str, reply['revoked']))})"
-    print(
-        json.dumps(reply)
-        if args.json
-        else f"unloaded {reply['name']}" + revoked * bool(reply["revoked"])
-    )
+        _print_unloaded(c.request("unload", name=args.name, force=args.force), args.json)
     return 0
 
 
@@ -103,14 +97,17 @@ def unload_lora(args: argparse.Namespace) -> int:
     if args.checkpoint:
         request["checkpoint"] = args.checkpoint
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
-        reply = c.request("unload_lora", **request)
+        _print_unloaded(c.request("unload_lora", **request), args.json)
+    return 0
+
+
+def _print_unloaded(reply: dict[str, Any], as_json: bool) -> None:
     revoked = f" (revoked leases of pids {', '.join(map(str, reply['revoked']))})"
     print(
         json.dumps(reply)
-        if args.json
+        if as_json
         else f"unloaded {reply['name']}" + revoked * bool(reply["revoked"])
     )
-    return 0
 
 
 def reload(args: argparse.Namespace) -> int:
