@@ -225,6 +225,8 @@ class LoraMixin:
                     metadata=held.adapter_metadata(),
                     _pipeline=self.pipe,
                     hotswap=kw.get("hotswap", False),
+                    # diffusers' default: peft takes the tensors as they are, no init and copy
+                    low_cpu_mem_usage=kw.get("low_cpu_mem_usage", True),
                 )
                 continue
             self.pipe.load_lora_weights(
