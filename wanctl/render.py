@@ -50,7 +50,7 @@ def status(reply: dict[str, Any]) -> str:
             c["dtype"],
             size(c["bytes"]),
             c["tensors"],
-            c["state"] if c["state"] != "loading" else f"loading {c['progress']:.0%}",
+            _state(c),
             c["clients"],
         ]
         for c in reply["components"]
@@ -65,6 +65,12 @@ def status(reply: dict[str, Any]) -> str:
     ]
     lines += [gpu(g) for g in reply.get("gpus", [])]
     return "\n".join(lines)
+
+
+def _state(c: dict[str, Any]) -> str:
+    if c["state"] == "loading":
+        return f"loading {c['progress']:.0%}"
+    return "ready (adopted)" if c.get("adopted") else c["state"]
 
 
 def gpu(g: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from wand.errors import (  # noqa: E402
     ConnectError,
     DaemonError,
     DeviceError,
+    LoraError,
     ProtocolError,
     WandError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "ConnectError",
     "DaemonError",
     "DeviceError",
+    "LoraError",
     "ProtocolError",
     "WandError",
     "__version__",

@@ -50,3 +50,9 @@ class BindError(WandError):
     """A module skeleton could not be bound to the attached tensors."""
 
     code = "bind"
+
+
+class LoraError(WandError, ValueError):
+    """A LoRA that cannot go onto a pipeline: unreadable, or not matching its layers."""
+
+    code = "lora"

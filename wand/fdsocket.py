@@ -10,8 +10,9 @@ connection (``SO_PEERCRED``): only the process the ticket was issued to gets the
 The daemon side never blocks: connections are non-blocking, read in the serving loop, and
 dropped if they have not sent a ticket within two seconds. Connections that say nothing
 cannot crowd out the others: past :data:`MAX_PER_UID` waiting connections of one user, or
-:data:`MAX_CONNECTIONS` in all, the oldest waiting one is dropped for the newcomer (a real
-client's ticket arrives within a round trip of its connect, long before it is the oldest).
+:data:`MAX_CONNECTIONS` in all, the oldest one that has been silent for
+:data:`SILENT_SECONDS` is dropped for the newcomer (a real client's ticket arrives within a
+round trip of its connect), and a burst of young ones is let in up to :data:`CEILING`.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ log = logging.getLogger("wand.fdsocket")
 SUFFIX = ".fds.sock"
 MAGIC = b"WAND1 "
 MAX_LINE = 128
-MAX_CONNECTIONS = 256
-MAX_PER_UID = 16  # connections of one user waiting to send their ticket
-CONNECTION_SECONDS = 2.0  # a client sends its ticket as soon as it is connected
+MAX_CONNECTIONS = 256  # waiting connections before silent ones are shed
+MAX_PER_UID = 64  # waiting connections of one user before its silent ones are shed
+CEILING = 1024  # waiting connections at all, however young
+SILENT_SECONDS = 0.25  # a real client's ticket comes within a round trip of its connect
+CONNECTION_SECONDS = 2.0  # a connection that has sent no ticket by then is dropped
 
 # (pid, uid, ticket) → (descriptor to send or None, reply); the server closes the descriptor
 Redeem = Callable[[int, int, str], tuple[int | None, dict[str, Any]]]
@@ -79,8 +82,8 @@ class FdServer:
             self._read(self._conns[fd])
 
     def expire(self) -> None:
-        now = time.monotonic()
-        for conn in [c for c in self._conns.values() if c.deadline < now]:
+        late = time.monotonic() - CONNECTION_SECONDS
+        for conn in [c for c in self._conns.values() if c.since < late]:
             self._drop(conn)
 
     def close(self) -> None:
@@ -99,13 +102,24 @@ class FdServer:
                 return
             sock.setblocking(False)
             uid = _credentials(sock)[1]
-            mine = [c for c in self._conns.values() if c.uid == uid]
-            if len(mine) >= MAX_PER_UID:
-                self._drop(mine[0])
-            elif len(self._conns) >= MAX_CONNECTIONS:
-                self._drop(next(iter(self._conns.values())))
-            conn = _Conn(sock, uid, time.monotonic() + CONNECTION_SECONDS)
+            if not self._make_room(uid):
+                sock.close()
+                continue
+            conn = _Conn(sock, uid, time.monotonic())
             self._conns[sock.fileno()] = conn
+            self._read(conn)  # the ticket often came with the connect
+
+    def _make_room(self, uid: int) -> bool:
+        """Room for one more waiting connection of ``uid``: shed the oldest silent one past
+        a limit; refuse only past the ceiling."""
+        mine = [c for c in self._conns.values() if c.uid == uid]
+        crowd = mine if len(mine) >= MAX_PER_UID else list(self._conns.values())
+        if len(mine) >= MAX_PER_UID or len(self._conns) >= MAX_CONNECTIONS:
+            silent = time.monotonic() - SILENT_SECONDS
+            oldest = next((c for c in crowd if c.since < silent), None)
+            if oldest is not None:
+                self._drop(oldest)
+        return len(self._conns) < CEILING
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -146,8 +160,8 @@ class FdServer:
 
 
 class _Conn:
-    def __init__(self, sock: socket.socket, uid: int, deadline: float) -> None:
-        self.sock, self.uid, self.deadline, self.buf = sock, uid, deadline, b""
+    def __init__(self, sock: socket.socket, uid: int, since: float) -> None:
+        self.sock, self.uid, self.since, self.buf = sock, uid, since, b""
 
 
 def _credentials(sock: socket.socket) -> tuple[int, int]:
@@ -156,8 +170,27 @@ def _credentials(sock: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
-def fetch(path: Path, ticket: str, timeout: float) -> int:
-    """The client's side: redeem ``ticket`` at the fd socket ``path`` for a descriptor."""
+def fetch(path: Path, ticket: str, timeout: float, tries: int = 5) -> int:
+    """The client's side: redeem ``ticket`` at the fd socket ``path`` for a descriptor; a
+    connection the daemon shed under a flood is tried again (the ticket is not spent)."""
+    for attempt in range(tries):
+        try:
+            return _fetch(path, ticket, timeout)
+        except _Shed as e:
+            why = e
+            time.sleep(0.05 * 2**attempt)
+    raise DaemonError(
+        f"cannot fetch the slab at {path}: the daemon dropped the connection {tries} times "
+        f"({why})",
+        "unreachable",
+    )
+
+
+class _Shed(Exception):
+    """The daemon closed the connection before answering."""
+
+
+def _fetch(path: Path, ticket: str, timeout: float) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
@@ -165,10 +198,14 @@ def fetch(path: Path, ticket: str, timeout: float) -> int:
             sock.connect(str(path))
             sock.sendall(MAGIC + ticket.encode("ascii") + b"\n")
             data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1, socket.MSG_CMSG_CLOEXEC)
+        except (ConnectionResetError, BrokenPipeError) as e:
+            raise _Shed(str(e)) from None
         except OSError as e:
             raise DaemonError(f"cannot fetch the slab at {path}: {e}", "unreachable") from None
     finally:
         sock.close()
+    if not data:
+        raise _Shed("closed without an answer")
     try:
         reply = msgpack.unpackb(data)
         if reply.get("ok") and len(fds) == 1:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from wand.errors import WandError
+from wand.errors import LoraError
 from wand.modules import _some
 
 if TYPE_CHECKING:
@@ -58,12 +58,6 @@ class ResidentLora:
 
 
 Source = str | Path | Mapping[str, torch.Tensor] | ResidentLora
-
-
-class LoraError(WandError, ValueError):
-    """A LoRA that cannot go onto this pipeline: unreadable, or not matching its layers."""
-
-    code = "lora"
 
 
 def describe(task: str, component: str, one_model: bool) -> str:
