@@ -275,7 +275,7 @@ def _components(status: dict) -> dict[str, dict]:
 
 def test_a_restarted_daemon_adopts_every_slab_from_the_fd_store(service):
     cold = service.start()
-    assert len(service.host.stored) == 8  # 4 slabs and their records
+    assert len(service.host.stored) == 9  # 4 slabs, their records, the checkpoint's spec
     disk = sum(f.stat().st_size for f in service.ckpt.rglob("*") if f.is_file())
     holder = Holder(service.endpoint, "vae")
     try:
@@ -291,13 +291,16 @@ def test_a_restarted_daemon_adopts_every_slab_from_the_fd_store(service):
         k: c["checksum"] for k, c in before.items()
     }
     assert cold["rchar"] - adopted["rchar"] > 0.8 * disk  # it read no checkpoint bytes
-    assert "adopted from the fd store" in service.log.read_text()
+    log = service.log.read_text()
+    assert "adopted from the fd store" in log
+    assert "unchanged since it was read, spec from the fd store" in log  # folder not read
     with wand.connect(service.endpoint) as c:
         assert all(c.attachment(name).verify() for name in COMPONENTS)
 
 
 def test_a_changed_component_is_reloaded_and_the_rest_adopted(service, tmp_path):
     service.start()
+    spec = {n for n in service.host.stored if n.startswith("wand-spec-")}
     other = write_tiny(tmp_path / "other", "t2v-A14B", "original", width=384, layers=4, seed=5)
     service.crash()
     shutil.rmtree(service.ckpt / "low_noise_model")
@@ -306,8 +309,9 @@ def test_a_changed_component_is_reloaded_and_the_rest_adopted(service, tmp_path)
     comps = _components(status)
     assert not comps["low_noise_model"]["adopted"]
     assert all(comps[n]["adopted"] for n in COMPONENTS if n != "low_noise_model")
-    assert len(service.host.stored) == 8  # the stale slab was taken out, the new one put in
+    assert len(service.host.stored) == 9  # the stale slab was taken out, the new one put in
     assert any(m.startswith("FDSTOREREMOVE=1") for m in service.host.messages)
+    assert {n for n in service.host.stored if n.startswith("wand-spec-")} != spec  # read again
 
 
 def test_a_stopped_service_leaves_no_slab_memory(service):
@@ -356,3 +360,14 @@ def test_a_client_in_another_mount_namespace_attaches(daemon):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["verified", "0"]  # its own empty /tmp, and it attached
+
+
+@pytest.mark.parametrize(("task", "layout"), [("t2v-A14B", "original"), ("ti2v-5B", "original")])
+def test_a_checkpoint_spec_survives_its_stored_record(tiny, task, layout):
+    import msgpack
+
+    from wand.spec import from_record, to_record
+    from wand.wan import read_checkpoint
+
+    spec = read_checkpoint(tiny(task, layout))
+    assert from_record(msgpack.unpackb(msgpack.packb(to_record(spec)))) == spec

@@ -21,11 +21,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from wand import __version__, config, fdstore, logs, placement, systemd
+from wand import __version__, config, fdstore, identity, logs, placement, systemd
 from wand.endpoint import resolve
 from wand.errors import CheckpointError, DeviceError, WandError
 from wand.fdsocket import SUFFIX
 from wand.server import Server
+from wand.spec import CheckpointSpec, from_record
 from wand.store import Checkpoint, Store
 
 log = logging.getLogger("wand")
@@ -107,11 +108,25 @@ def _configuration(args: argparse.Namespace) -> config.Config:
     )
 
 
-def read(entry: config.CheckpointConfig) -> Checkpoint:
-    """The checkpoint an entry names, read and checked (raises CheckpointError, ConfigError)."""
+def read(entry: config.CheckpointConfig, known: dict[str, Any] | None = None) -> Checkpoint:
+    """The checkpoint an entry names, read and checked (raises CheckpointError, ConfigError).
+
+    ``known`` holds specs from systemd's fd store by fingerprint: one whose folder has not
+    changed is taken as it is, without reading the folder or importing the model libraries.
+    """
+    check_devices(entry.device)
+    fingerprint = _fingerprint(entry)
+    spec = _known_spec(known or {}, fingerprint)
+    if spec is None:
+        spec = _read_folder(entry)
+    ckpt = Checkpoint(entry.name or spec.task, spec, entry, "config")
+    ckpt.fingerprint = fingerprint
+    return ckpt
+
+
+def _read_folder(entry: config.CheckpointConfig) -> CheckpointSpec:
     from wand.wan import read_checkpoint, read_lora  # heavy imports once arguments are fine
 
-    check_devices(entry.device)
     try:
         spec = read_checkpoint(entry.path, task=entry.task, dtypes=entry.dtypes())
         for lora in entry.loras:
@@ -119,7 +134,27 @@ def read(entry: config.CheckpointConfig) -> Checkpoint:
             spec.components[comp.name] = comp
     except (OSError, ValueError, RecursionError) as e:  # a file problem no check foresaw
         raise CheckpointError(f"{entry.path}: {type(e).__name__}: {str(e)[:300]}") from None
-    return Checkpoint(entry.name or spec.task, spec, entry, "config")
+    return spec
+
+
+def _fingerprint(entry: config.CheckpointConfig) -> str | None:
+    try:
+        return identity.entry_fingerprint(entry)
+    except (OSError, ValueError):
+        return None  # unreadable: the full read says what is wrong
+
+
+def _known_spec(known: dict[str, Any], fingerprint: str | None) -> CheckpointSpec | None:
+    record = known.pop(fingerprint, None) if fingerprint else None
+    if record is None:
+        return None
+    try:
+        spec = from_record(record)
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("stored spec %s is unusable (%s): reading the folder", fingerprint, e)
+        return None
+    log.info("%s: unchanged since it was read, spec from the fd store", spec.path)
+    return spec
 
 
 def check_devices(devices: dict[str, str]) -> None:
@@ -179,12 +214,12 @@ class Daemon:
         self._last_status = self._last_extend = 0.0
 
     def run(self) -> int:
-        inherited = systemd.listen_fds()
-        stored, sockets = fdstore.inherited(inherited)
+        kept = fdstore.inherited(systemd.listen_fds())
         try:
-            checkpoints = [read(entry) for entry in self.config.checkpoints]  # before bind
+            known = dict(kept.specs)
+            checkpoints = [read(entry, known) for entry in self.config.checkpoints]  # before bind
         except BaseException:
-            for s in stored.values():
+            for s in kept.slabs.values():
                 s.close()
             raise
         if not checkpoints:
@@ -193,13 +228,15 @@ class Daemon:
                 "wanctl load PATH",
                 self.config.source or "no configuration file, no --checkpoint",
             )
-        self.store = Store(fdstore.FdStore(self.notify), stored)
-        zmq_fd, fds_fd, endpoint = _sockets(sockets)
+        self.store = Store(fdstore.FdStore(self.notify), kept.slabs)
+        for fingerprint in kept.specs:  # in the store already: kept if still used
+            self.store.fdstore.adopted_spec(fingerprint)
+        zmq_fd, fds_fd, endpoint = _sockets(kept.sockets)
         self.server = Server(self.store, endpoint or resolve(self.config.endpoint), self, self.ring)
         self.server.bind(zmq_fd, fds_fd)
         for ckpt in checkpoints:
             self.store.add(ckpt)
-        self.store.discard_stored()
+        self.store.discard_stored(set(kept.specs) - {c.fingerprint for c in checkpoints})
         self.notify.status(self._progress())
         self.notify.extend_timeout(EXTEND_BY)
         self._last_status = self._last_extend = time.monotonic()

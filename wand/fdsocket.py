@@ -180,8 +180,7 @@ def fetch(path: Path, ticket: str, timeout: float, tries: int = 5) -> int:
             why = e
             time.sleep(0.05 * 2**attempt)
     raise DaemonError(
-        f"cannot fetch the slab at {path}: the daemon dropped the connection {tries} times "
-        f"({why})",
+        f"cannot fetch the slab at {path}: the daemon dropped the connection {tries} times ({why})",
         "unreachable",
     )
 

@@ -11,6 +11,11 @@ its configuration asks for and closes the others.
 
 The daemon may use the store when ``$FDSTORE`` (systemd ≥ 254) or ``$WAND_FDSTORE`` (set by
 the units for older systemd) is a positive number, and it runs under a notify socket.
+
+Beside the slabs, each checkpoint's spec (what its folder was read as) is kept too, as
+``wand-spec-<fingerprint>``: the fingerprint covers the entry's settings and the version of
+every file in the folder, so a restarted daemon whose folders did not change knows what they
+hold without reading them (nor importing the model libraries to check shapes).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from wand.slabs.memfd import seal_bytes, unseal_bytes
 from wand.systemd import Notifier
 
 log = logging.getLogger("wand.fdstore")
-SLAB, RECORD = "wand-slab-", "wand-record-"
+SLAB, RECORD, SPEC = "wand-slab-", "wand-record-", "wand-spec-"
 RECORD_VERSION = 1
 
 
@@ -60,22 +65,43 @@ class FdStore:
         self.size = capacity() if size is None else size
         self.enabled = bool(self.size and notifier.socket_path)
         self._held: set[str] = set()  # tokens in the store
+        self._specs: set[str] = set()  # fingerprints of checkpoint specs in the store
 
     def put(self, token: str, slab_fd: int, record: dict[str, Any]) -> bool:
         """Store a slab and its record (the store dups both; the caller keeps its own)."""
-        if not self.enabled or token in self._held:
+        if not self.enabled or token in self._held or not self._room(2, f"slab {token}"):
             return False
-        if 2 * (len(self._held) + 1) > self.size:
-            log.warning("fd store full (%d descriptors): slab %s is not kept", self.size, token)
-            return False
-        record_fd = seal_bytes(f"wand-record:{token}", msgpack.packb(record))
-        try:
-            self.notifier.send(FDSTORE=1, FDNAME=RECORD + token, fds=[record_fd])
-            self.notifier.send(FDSTORE=1, FDNAME=SLAB + token, fds=[slab_fd])
-        finally:
-            os.close(record_fd)
+        self._send_sealed(RECORD + token, record)
+        self.notifier.send(FDSTORE=1, FDNAME=SLAB + token, fds=[slab_fd])
         self._held.add(token)
         return True
+
+    def put_spec(self, fingerprint: str, spec: dict[str, Any]) -> None:
+        """Store what a checkpoint folder was read as, under the fingerprint of its files."""
+        if self.enabled and fingerprint not in self._specs and self._room(1, "a spec"):
+            self._send_sealed(SPEC + fingerprint, {"version": RECORD_VERSION, "spec": spec})
+            self._specs.add(fingerprint)
+
+    def remove_spec(self, fingerprint: str) -> None:
+        if fingerprint in self._specs:
+            self._specs.discard(fingerprint)
+            self.notifier.send(FDSTOREREMOVE=1, FDNAME=SPEC + fingerprint)
+
+    def adopted_spec(self, fingerprint: str) -> None:
+        self._specs.add(fingerprint)
+
+    def _room(self, n: int, what: str) -> bool:
+        if 2 * len(self._held) + len(self._specs) + n <= self.size:
+            return True
+        log.warning("fd store full (%d descriptors): %s is not kept", self.size, what)
+        return False
+
+    def _send_sealed(self, name: str, record: dict[str, Any]) -> None:
+        fd = seal_bytes(name, msgpack.packb(record))
+        try:
+            self.notifier.send(FDSTORE=1, FDNAME=name, fds=[fd])
+        finally:
+            os.close(fd)
 
     def adopted(self, token: str) -> None:
         """A slab that came back from the store is in it still."""
@@ -88,22 +114,36 @@ class FdStore:
             self.notifier.send(FDSTOREREMOVE=1, FDNAME=RECORD + token)
 
 
-def inherited(named: list[tuple[int, str]]) -> tuple[dict[str, Stored], list[int]]:
-    """Split the descriptors systemd passed into stored slabs (by token) and the rest.
+@dataclass
+class Inherited:
+    """What systemd passed: stored slabs by token, stored specs by fingerprint, sockets."""
+
+    slabs: dict[str, Stored]
+    specs: dict[str, dict[str, Any]]
+    sockets: list[int]
+
+
+def inherited(named: list[tuple[int, str]]) -> Inherited:
+    """Split the descriptors systemd passed into stored slabs, stored specs and the rest.
 
     A slab without a readable record, or a record without its slab, is closed.
     """
     slabs: dict[str, int] = {}
     records: dict[str, dict[str, Any]] = {}
+    specs: dict[str, dict[str, Any]] = {}
     rest = []
     for fd, name in named:
         if name.startswith(SLAB):
             slabs[name[len(SLAB) :]] = fd
-        elif name.startswith(RECORD):
+        elif name.startswith((RECORD, SPEC)):
             record = _read_record(fd, name)
             os.close(fd)
-            if record is not None:
+            if record is None:
+                continue
+            if name.startswith(RECORD):
                 records[name[len(RECORD) :]] = record
+            else:
+                specs[name[len(SPEC) :]] = record["spec"]
         else:
             rest.append(fd)
     stored = {}
@@ -113,7 +153,7 @@ def inherited(named: list[tuple[int, str]]) -> tuple[dict[str, Stored], list[int
         else:
             log.warning("stored slab %s came back without its record: closed", token)
             os.close(fd)
-    return stored, rest
+    return Inherited(stored, specs, rest)
 
 
 def _read_record(fd: int, name: str) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
+from wand.config import CheckpointConfig
 from wand.files import open_regular, read_exact
 from wand.spec import ComponentSpec
 
@@ -101,3 +102,20 @@ def _digest(path: str, size: int, mtime_ns: int, ino: int) -> str:
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         pieces = pool.map(piece, range(0, size, CHUNK))
         return hashlib.blake2b(b"".join(pieces), digest_size=32).hexdigest()
+
+
+def entry_fingerprint(entry: CheckpointConfig) -> str:
+    """What a checkpoint's spec depends on: the entry's settings (not its name) and the
+    version of every file below its folder and of its LoRA files. Equal fingerprints mean
+    reading the folder again would give the same spec."""
+    folder = Path(entry.path).resolve()
+    files = sorted(
+        (str(Path(root, f).relative_to(folder)), *_file_version(Path(root, f))[1:])
+        for root, _, names in os.walk(folder)
+        for f in names
+    )
+    loras = [(x.name, x.expert, _file_version(x.path)) for x in entry.loras]
+    text = json.dumps(
+        [str(folder), entry.task, entry.device, entry.dtype, loras, files], sort_keys=True
+    )
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

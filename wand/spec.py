@@ -56,3 +56,61 @@ class CheckpointSpec:
     components: dict[str, ComponentSpec]
     tokenizer: Path | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # pipeline facts (boundary, ...)
+
+
+def to_record(spec: CheckpointSpec) -> dict[str, Any]:
+    """``spec`` as plain data (for systemd's fd store: a restarted daemon need not read the
+    folder again to know what it holds)."""
+    return {
+        "path": str(spec.path),
+        "task": spec.task,
+        "layout": spec.layout,
+        "tokenizer": str(spec.tokenizer) if spec.tokenizer else None,
+        "extras": spec.extras,
+        "components": [
+            {
+                "name": c.name,
+                "cls": c.cls,
+                "config": c.config,
+                "tensors": [
+                    [
+                        t.name,
+                        str(t.file),
+                        t.key,
+                        list(t.shape),
+                        str(t.dtype).removeprefix("torch."),
+                        list(t.aliases),
+                    ]
+                    for t in c.tensors
+                ],
+            }
+            for c in spec.components.values()
+        ],
+    }
+
+
+def from_record(record: dict[str, Any]) -> CheckpointSpec:
+    """The spec :func:`to_record` made (KeyError, TypeError or ValueError if it is not one)."""
+    components = {}
+    for c in record["components"]:
+        tensors = [
+            TensorSpec(name, Path(file), key, tuple(shape), _dtype(dtype), tuple(aliases))
+            for name, file, key, shape, dtype, aliases in c["tensors"]
+        ]
+        components[c["name"]] = ComponentSpec(c["name"], c["cls"], c["config"], tensors)
+    tokenizer = record["tokenizer"]
+    return CheckpointSpec(
+        Path(record["path"]),
+        record["task"],
+        record["layout"],
+        components,
+        Path(tokenizer) if tokenizer else None,
+        record["extras"],
+    )
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a dtype: {name!r}")
+    return dtype

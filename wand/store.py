@@ -33,7 +33,7 @@ from wand.fdstore import RECORD_VERSION, FdStore, Stored
 from wand.loader import Cancelled
 from wand.placement import Device
 from wand.slabs import Slab
-from wand.spec import CheckpointSpec, ComponentSpec
+from wand.spec import CheckpointSpec, ComponentSpec, to_record
 
 log = logging.getLogger("wand.store")
 _ids = itertools.count(1)
@@ -104,6 +104,7 @@ class Checkpoint:
     origin: str  # "config" (from the configuration file or flags) or "runtime" (wanctl load)
     stamps: dict[str, tuple] = field(default_factory=dict)  # component → its files' versions
     extra_loras: list = field(default_factory=list)  # LoraConfigs added by wanctl load-lora
+    fingerprint: str | None = None  # identity.entry_fingerprint: its spec kept in the fd store
 
     def __post_init__(self) -> None:
         if not self.stamps:
@@ -130,6 +131,7 @@ class Store:
             if ckpt.name in self.checkpoints:
                 raise WandError(f"a checkpoint named {ckpt.name!r} is loaded already", "bad_args")
             self.checkpoints[ckpt.name] = ckpt
+            self._keep_spec(ckpt)
             added = []
             for comp in ckpt.spec.components.values():
                 resident = self._resident(comp, ckpt)
@@ -174,6 +176,9 @@ class Store:
         with self.lock:
             old = self.checkpoints[ckpt.name]
             self.checkpoints[ckpt.name] = ckpt
+            if old.fingerprint != ckpt.fingerprint:
+                self._drop_spec(old)
+                self._keep_spec(ckpt)
             changed = []
             for comp in ckpt.spec.components.values():
                 addr = f"{ckpt.name}/{comp.name}"
@@ -204,6 +209,7 @@ class Store:
                 raise WandError(
                     f"no checkpoint {name!r}; loaded: {self._names()}", "unknown_component"
                 )
+            self._drop_spec(ckpt)
             dropped = [self.addresses.pop(f"{name}/{c}") for c in ckpt.spec.components]
             for r in self.residents.values():
                 r.pending = [a for a in r.pending if self._still_wanted(a)]
@@ -246,8 +252,21 @@ class Store:
         with self.lock:
             return any(r.state in ("queued", "loading") for r in self.residents.values())
 
-    def discard_stored(self) -> None:
-        """Close the stored slabs no configured component adopted."""
+    def _keep_spec(self, ckpt: Checkpoint) -> None:
+        if self.fdstore is not None and ckpt.fingerprint and ckpt.origin == "config":
+            self.fdstore.put_spec(ckpt.fingerprint, to_record(ckpt.spec))
+
+    def _drop_spec(self, ckpt: Checkpoint) -> None:
+        in_use = {c.fingerprint for c in self.checkpoints.values()}
+        if self.fdstore is not None and ckpt.fingerprint and ckpt.fingerprint not in in_use:
+            self.fdstore.remove_spec(ckpt.fingerprint)
+
+    def discard_stored(self, specs: set[str | None] = frozenset()) -> None:
+        """Close the stored slabs no configured component adopted, and drop the stored specs
+        (``specs``) no configured checkpoint used."""
+        for fingerprint in specs - {None}:
+            if self.fdstore is not None:
+                self.fdstore.remove_spec(fingerprint)
         for token, stored in list(self.stored.items()):
             log.info("stored slab %s matches nothing configured: closed", token)
             stored.close()
