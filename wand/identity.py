@@ -66,7 +66,7 @@ def _files(spec: ComponentSpec) -> list[Path]:
 
 def _file_version(path: Path) -> tuple:
     st = os.stat(path)
-    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)  # (never raises)
 
 
 def _size(path: str, size: int, mtime_ns: int, ino: int) -> int:
@@ -108,7 +108,7 @@ def entry_fingerprint(entry: CheckpointConfig) -> str:
     """What a checkpoint's spec depends on: the entry's settings (not its name) and the
     version of every file below its folder and of its LoRA files. Equal fingerprints mean
     reading the folder again would give the same spec."""
-    folder = Path(entry.path).resolve()
+    folder = Path(os.path.realpath(entry.path))
     files = sorted(
         (str(Path(root, f).relative_to(folder)), *_file_version(Path(root, f))[1:])
         for root, _, names in os.walk(folder)
