@@ -323,8 +323,9 @@ def _write_checkpoints() -> None:
 
     shutil.rmtree(DATA, ignore_errors=True)
     DATA.mkdir(parents=True)
-    write_tiny(DATA / "ckpt", "t2v-A14B", "original", width=WIDTH, layers=LAYERS)
+    write_tiny(DATA / "seed0", "t2v-A14B", "original", width=WIDTH, layers=LAYERS)
     write_tiny(DATA / "seed7", "t2v-A14B", "original", width=WIDTH, layers=LAYERS, seed=7)
+    shutil.copytree(DATA / "seed0", DATA / "ckpt")  # the one served
     write_tiny(DATA / "small", "t2v-A14B", "original")
     # safetensors writes its files mode 0600; user wand must read them (see the report)
     subprocess.run(["chmod", "-R", "a+rX", str(DATA)], check=True)
@@ -486,40 +487,68 @@ def test_the_journal_has_the_structured_fields(box):
     assert vae and all(r["WAND_COMPONENT"] == "vae" for r in vae)
 
 
+def _experts_from(source: str) -> None:
+    """Replace the served checkpoint's two experts with those of another one (the host writes
+    into the folder the box sees)."""
+    for name in EXPERTS:
+        target = DATA / "ckpt" / name
+        shutil.rmtree(target)
+        shutil.copytree(DATA / source / name, target)
+
+
+RELOAD = r"""
+t0=$EPOCHREALTIME
+systemctl reload wand.service
+rc=$?
+echo "$rc $(( (${EPOCHREALTIME/./} - ${t0/./}) / 1000 ))"
+"""
+PAUSE = 3  # seconds the daemon is stopped while systemctl reload asks it
+
+
 def test_systemctl_reload_returns_once_the_new_files_are_resident(box):
+    """Right after ``systemctl reload`` returns, a client that attaches gets the new bytes; and
+    that holds even when the daemon is slow to take the reload (stopped for a few seconds):
+    an ExecReload= that only signals would return before the daemon even began."""
     box.started()
     agent = Agent(box)
     try:
-        before = agent.ask("attach", *EXPERTS)
+        seed0 = agent.ask("attach", *EXPERTS)
         assert agent.ask("release") == "released"
-        # new experts on disk (the host writes into the folder the box sees)
-        for name in EXPERTS:
-            target = DATA / "ckpt" / name
-            shutil.rmtree(target)
-            shutil.copytree(DATA / "seed7" / name, target)
+
+        _experts_from("seed7")
         since = box.now()
-        start = time.monotonic()
-        box.run("systemctl", "reload", "wand.service")
-        took = time.monotonic() - start
-        after = agent.ask("attach", *EXPERTS)  # the moment systemctl reload returned
-        assert "error" not in after, after
-        assert all(after[n] != before[n] for n in EXPERTS), (before, after)
+        rc, took = box.sh(RELOAD).stdout.split()
+        seed7 = agent.ask("attach", *EXPERTS)  # the moment systemctl reload returned
+        assert rc == "0" and "error" not in seed7, seed7
+        assert all(seed7[n] != seed0[n] for n in EXPERTS), (seed0, seed7)
         assert all(agent.ask("verify").values())
         assert agent.ask("release") == "released"
-    finally:
-        agent.close()
-    # wanctl's report, in the unit's journal, then systemd's word that the reload is over
-    box.logged(since, "changed: t2v-A14B", "Reloaded wand.service")
-    box.say(f"systemctl reload (two experts changed) took {took:.1f} s")
+        # the unit's journal: the daemon's report, the new experts resident, then systemd's word
+        # that the reload is over
+        log = box.logged(since, r"reload: changed \[.t2v-A14B.\]", "Reloaded wand").splitlines()
+        loaded = [i for i, m in enumerate(log) if re.match(r"\w+_noise_model ready \(resident", m)]
+        assert len(loaded) == 2 and loaded[-1] < log.index(next(m for m in log if "Reloaded" in m))
+        box.say(f"systemctl reload (two experts changed) took {int(took) / 1000:.1f} s")
 
-    # the bytes are the new files' own: a cold start reads them and serves the same
-    box.stopped()
-    box.started()
-    agent = Agent(box)
-    try:
-        assert agent.ask("attach", *EXPERTS) == after
+        _experts_from("seed0")  # back to the first files, with a daemon slow to react
+        pid = box.main_pid()
+        rc, took = box.sh(
+            f"kill -STOP {pid}\n(sleep {PAUSE}; kill -CONT {pid}) >/dev/null 2>&1 &\n{RELOAD}"
+        ).stdout.split()
+        again = agent.ask("attach", *EXPERTS)
+        assert rc == "0"
+        assert again == seed0  # byte for byte what the first start read from these files
+        assert int(took) >= PAUSE * 1000, took  # it waited for the daemon to be done
+        assert all(agent.ask("verify").values())
+        box.say(
+            f"systemctl reload with the daemon stopped for {PAUSE} s took {int(took) / 1000:.1f} s"
+        )
     finally:
         agent.close()
+    # ExecReload='s wanctl printed its report only once the new experts were resident (with
+    # --no-wait it would print it as soon as the daemon has read the files)
+    printed = [i for i, m in enumerate(log) if m == "changed: t2v-A14B"]
+    assert printed and printed[0] > loaded[-1], log
 
 
 def test_a_hung_daemon_is_killed_by_the_watchdog_and_restarted(box):
@@ -686,7 +715,7 @@ def test_stop_leaves_no_slab_memory_once_the_clients_are_gone(box):
     drop = samples[0] - samples[-1]
     assert drop > 0.8 * resident, (samples, resident)
     box.say(
-        f"Shmem: stopped {empty / 1e6:.0f} MB, running and stopped with a client holding "
+        f"Shmem: service stopped {empty / 1e6:.0f} MB; stopped again, a client holding the slabs "
         f"{holding / 1e6:.0f} MB, {drop / 1e6:.0f} MB freed within {took} of the client's "
         f"end ({resident / 1e6:.0f} MB "
         "resident; the kernel's counter is the whole machine's)"
