@@ -1,10 +1,13 @@
 """The units under a real systemd: a Debian 12 box with systemd as PID 1 (scripts/systemd-box).
 
-One ephemeral box is booted for the module (the cached root under /var/cache/wand-systemd-box
-stays as debootstrap left it). The checkout, its venv and the Python the venv points to are
-bound into it read-only at the same paths; ``wanctl install-units`` is run inside, so the units
-are exactly what a user installs, with ``ExecStart=``/``ExecReload=`` pointing at the checkout's
-venv. Users: ``wand`` (systemd-sysusers), ``alice`` (in group wand) and ``bob`` (not).
+One ephemeral box is booted for the module: it runs on a throw-away copy of the cached root
+(/var/cache/wand-systemd-box/root), which keeps only the empty mount points of the binds. The
+checkout, its venv and the Python the venv points to are bound into it read-only at the same
+paths, and so is the folder of test checkpoints (written on this machine, seen by the box);
+``wanctl install-units`` is run inside, so the units are exactly what a user installs, with
+``ExecStart=``/``ExecReload=`` pointing at the checkout's venv. Users: ``wand``
+(systemd-sysusers), ``alice`` (in group wand) and ``bob`` (not). The tests share the box and
+its one ``wand.service``; each brings the service to the state it needs first.
 
 Everything a client does runs inside the box (``systemd-box exec``, which enters the box's
 namespaces): the clients are real processes of the box that the daemon sees through its own
@@ -37,6 +40,7 @@ from conftest import ROOT
 
 BOX = ROOT / "scripts" / "systemd-box"
 CACHE = Path("/var/cache/wand-systemd-box")
+BOX_ROOT = Path(os.environ.get("SYSTEMD_BOX_ROOT", CACHE / "root"))  # as the tool has it
 # checkpoints the box's daemon reads: not under /tmp, /var/tmp (PrivateTmp=), /run or a home
 DATA = Path(os.environ.get("WAND_BOX_DATA", CACHE / "data"))
 VENV = Path(sys.prefix)
@@ -93,6 +97,11 @@ class Box:
     def sh(self, script: str, **kw) -> subprocess.CompletedProcess:
         return self.run("bash", "-c", script, **kw)
 
+    def write(self, path: str, text: str, user: str | None = None) -> None:
+        """Write a file inside the box (its folder made first)."""
+        self.run("mkdir", "-p", str(Path(path).parent), user=user)
+        self.run("tee", path, input=text, user=user)
+
     def show(self, unit: str = "wand.service", *props: str) -> dict[str, str]:
         props = props or ("ActiveState", "SubState", "MainPID", "StatusText", "NRestarts")
         out = self.run("systemctl", "show", *(f"-p{p}" for p in props), unit).stdout
@@ -113,7 +122,12 @@ class Box:
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def messages(self, unit: str = "wand.service", since: str | None = None) -> str:
-        args = ["journalctl", "-u", unit, "--no-pager", "-o", "cat"]
+        """A unit's journal; ``~wand.service`` is a unit of a user manager (what the unit logs,
+        and what its manager says about it: --user-unit= would match only root's units)."""
+        name = unit.removeprefix("~")
+        which = [f"_SYSTEMD_USER_UNIT={name}", "+", f"USER_UNIT={name}"]
+        args = ["journalctl", *(which if unit.startswith("~") else [f"--unit={unit}"])]
+        args += ["--no-pager", "-o", "cat"]
         if since:
             args += ["--since", since]
         return self.run(*args).stdout
@@ -319,15 +333,15 @@ def _binds() -> list[str]:
 
 
 def _write_checkpoints() -> None:
+    """Into DATA, which is bound into the booted box already (it sees them as they come)."""
     from wand.wan import write_tiny
 
-    shutil.rmtree(DATA, ignore_errors=True)
-    DATA.mkdir(parents=True)
     write_tiny(DATA / "seed0", "t2v-A14B", "original", width=WIDTH, layers=LAYERS)
     write_tiny(DATA / "seed7", "t2v-A14B", "original", width=WIDTH, layers=LAYERS, seed=7)
     shutil.copytree(DATA / "seed0", DATA / "ckpt")  # the one served
     write_tiny(DATA / "small", "t2v-A14B", "original")
-    # safetensors writes its files mode 0600; user wand must read them (see the report)
+    # safetensors' save_file writes its files mode 0600 whatever the umask, so a checkpoint
+    # written by write_tiny (or wanctl make-tiny) is unreadable to user wand as it comes
     subprocess.run(["chmod", "-R", "a+rX", str(DATA)], check=True)
 
 
@@ -345,22 +359,25 @@ def box(say) -> Iterator[Box]:
             pytest.skip(f"cannot set the box up (network? apt-get?):\n{_tail(setup.stderr)}")
         say(f"setup: {time.monotonic() - start:.0f} s ({setup.stdout.strip()})")
         _tool("stop", timeout=60)  # a box a killed earlier run left behind (we hold the lock)
-        start = time.monotonic()
-        _write_checkpoints()
-        say(f"checkpoints written in {time.monotonic() - start:.0f} s")
+        shutil.rmtree(DATA, ignore_errors=True)
+        DATA.mkdir(parents=True)
         start = time.monotonic()
         boot = _tool("boot", "--ephemeral", *_binds(), timeout=120)
         if boot.returncode != 0:
-            console = CACHE / "root.state" / "console.log"
+            console = Path(f"{BOX_ROOT}.state") / "console.log"
             log = console.read_text(errors="replace") if console.exists() else ""
             _tool("stop", timeout=60)
             pytest.skip(
                 "systemd-nspawn cannot boot the box here (nested containers refused?):\n"
                 f"{_tail(boot.stderr)}\n{_tail(log)}"
             )
+        say(f"booted in {time.monotonic() - start:.1f} s")
         b = Box(say)
         try:
-            say(f"booted in {time.monotonic() - start:.1f} s: {_provision(b)}")
+            start = time.monotonic()
+            _write_checkpoints()
+            say(f"checkpoints written in {time.monotonic() - start:.0f} s")
+            say(f"{_provision(b)} in the box: units installed, users made")
             yield b
         finally:
             with contextlib.suppress(Exception):
@@ -380,12 +397,9 @@ def _provision(b: Box) -> str:
     b.run("systemd-sysusers", "/etc/sysusers.d/wand.conf")
     b.run("useradd", "--create-home", "--groups", "wand", "alice")
     b.run("useradd", "--create-home", "bob")
-    b.sh(
-        f'printf \'[[checkpoint]]\\npath = "{DATA / "ckpt"}"\\ndevice = "cpu"\\n\' '
-        ">/etc/wand/wand.toml"
-    )
+    b.write("/etc/wand/wand.toml", f'[[checkpoint]]\npath = "{DATA / "ckpt"}"\ndevice = "cpu"\n')
     # the instance wand@second serves the small checkpoint on /run/wand/second.sock
-    b.sh(f"printf '[[checkpoint]]\\npath = \"{DATA / 'small'}\"\\n' >/etc/wand/second.toml")
+    b.write("/etc/wand/second.toml", f'[[checkpoint]]\npath = "{DATA / "small"}"\n')
     check = b.run(
         "setpriv",
         "--reuid=wand",
@@ -553,8 +567,7 @@ def test_systemctl_reload_returns_once_the_new_files_are_resident(box):
 
 def test_a_hung_daemon_is_killed_by_the_watchdog_and_restarted(box):
     dropin = Path("/run/systemd/system/wand.service.d/50-test-watchdog.conf")
-    text = "[Service]\\nWatchdogSec=2s\\nRestartSec=1s\\n"
-    box.sh(f"mkdir -p {dropin.parent} && printf '{text}' >{dropin}")
+    box.write(str(dropin), "[Service]\nWatchdogSec=2s\nRestartSec=1s\n")
     try:
         box.run("systemctl", "daemon-reload")
         box.run("systemctl", "restart", "wand.service")  # WATCHDOG_USEC is set at start
@@ -787,9 +800,72 @@ def test_an_instance_of_the_template_starts_reloads_and_stops(box):
         assert svc["ActiveState"] == "active", svc
         since = box.now()
         box.run("systemctl", "reload", "wand@second.service")
-        box.logged(since, "no change", "Reloaded wand@second.service", unit="wand@second.service")
+        wanctl_ran = "(?m)^no change$"  # ExecReload='s report (the daemon's says "reload: …")
+        box.logged(since, wanctl_ran, "Reloaded wand@second.service", unit="wand@second.service")
         status = box.status("ipc:///run/wand/second.sock")
         assert status["daemon"]["pid"] == int(svc["MainPID"])
         assert box.status()["daemon"]["pid"] != status["daemon"]["pid"]  # two daemons
     finally:
         box.run("systemctl", "stop", "wand@second.service", "wand@second.socket")
+
+
+# The box has no pam_systemd (Debian's libpam-systemd), which sets XDG_RUNTIME_DIR for a user
+# manager; saying it in a drop-in for user@.service does the same.
+USER_MANAGER = "[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/%i\n"
+
+
+def test_user_units_start_on_demand_reload_and_keep_slabs_across_a_restart(box):
+    from wanctl import units
+
+    uid = box.run("id", "-u", "alice").stdout.strip()
+    runtime = f"/run/user/{uid}"
+    dropin = "/run/systemd/system/user@.service.d/runtime-dir.conf"
+    box.write(dropin, USER_MANAGER)
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "start", f"user@{uid}.service")
+    env = {"XDG_RUNTIME_DIR": runtime}
+
+    def alice(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return box.run(*cmd, user="alice", env=env, check=check)
+
+    def show() -> dict[str, str]:
+        out = alice("systemctl", "--user", "show", "-pMainPID", "-pActiveState", "wand.service")
+        return dict(line.split("=", 1) for line in out.stdout.splitlines())
+
+    try:
+        report = json.loads(alice(str(WANCTL), "install-units", "--user", "--json").stdout)
+        assert report["warnings"] == []
+        installed = {Path(f["target"]).name: f["target"] for f in report["files"]}
+        for name in ("wand.service", "wand.socket"):
+            text = (units.source_dir() / "user" / name).read_text()
+            if name.endswith(".service"):
+                text = units.render(text, VENV / "bin" / "wand", WANCTL)
+            assert alice("cat", installed[name]).stdout == text, name
+        config = f'[[checkpoint]]\npath = "{DATA / "small"}"\n'
+        box.write("/home/alice/.config/wand/wand.toml", config, user="alice")
+        alice("systemctl", "--user", "daemon-reload")
+        alice("systemctl", "--user", "enable", "--now", "wand.socket")
+        assert show()["ActiveState"] == "inactive"
+        sock = f"{runtime}/wand/wand.sock"
+        assert alice("stat", "-c", "%a %U", sock).stdout.strip() == "600 alice"
+        # alice's own socket is her default endpoint; the first request starts the daemon
+        out = alice(str(WANCTL), "--timeout", "120", "status", "--json", check=False)
+        assert out.returncode == 0, out.stderr
+        status = json.loads(out.stdout)
+        assert status["daemon"]["endpoint"] == f"ipc://{sock}"
+        assert status["daemon"]["pid"] == int(show()["MainPID"])
+
+        since = box.now()
+        alice("systemctl", "--user", "reload", "wand.service")
+        box.logged(since, "(?m)^no change$", "Reloaded wand.service", unit="~wand.service")
+
+        pid = int(show()["MainPID"])
+        alice("systemctl", "--user", "restart", "wand.service")
+        assert int(show()["MainPID"]) != pid
+        comps = box.status(f"ipc://{sock}")["components"]
+        assert all(c["adopted"] for c in comps), comps
+    finally:
+        alice("systemctl", "--user", "disable", "--now", "wand.socket", "wand.service", check=False)
+        box.run("systemctl", "stop", f"user@{uid}.service", check=False)
+        box.run("rm", "-f", dropin)
+        box.run("systemctl", "daemon-reload")
