@@ -353,6 +353,9 @@ def box(say) -> Iterator[Box]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pytest.skip(f"another test run is using the box ({CACHE / 'test.lock'} is locked)")
+        missing = [t for t in ("nsenter", "unshare", "setsid", "pgrep") if not shutil.which(t)]
+        if missing:  # the tool drives the box with them (util-linux, procps)
+            pytest.skip(f"scripts/systemd-box needs {', '.join(missing)} on this machine")
         start = time.monotonic()
         setup = _tool("setup", timeout=1800)
         if setup.returncode != 0:
