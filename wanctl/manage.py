@@ -31,8 +31,18 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     unload = sub.add_parser("unload", parents=[common], help="unload a checkpoint")
     unload.add_argument("name", help="checkpoint name (see wanctl status)")
     unload.add_argument("--force", action="store_true", help="revoke the leases of clients")
-    sub.add_parser(
-        "reload", parents=[common], help="re-read the configuration and checkpoints, load changes"
+    reload = sub.add_parser(
+        "reload",
+        parents=[common],
+        help="re-read the configuration and checkpoints, load changes",
+        description="Ask the daemon to re-read its configuration file and every checkpoint, "
+        "then wait until every added or changed component is resident (the daemon serves the "
+        "old ones until then), however long loading takes: once this returns, a new attach "
+        "gets the new weights. systemctl reload runs this. --timeout bounds each request "
+        "(the reload request itself reads every checkpoint's headers), not the wait.",
+    )
+    reload.add_argument(
+        "--no-wait", action="store_true", help="return once the daemon has read the files"
     )
     lora = sub.add_parser(
         "load-lora", parents=[common], help="hold a LoRA file in the daemon for a checkpoint"
@@ -113,6 +123,8 @@ def _print_unloaded(reply: dict[str, Any], as_json: bool) -> None:
 def reload(args: argparse.Namespace) -> int:
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
         report = c.request("reload")
+        if not args.no_wait:
+            _settled(c)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -151,4 +163,17 @@ def _wait(c: Client, names: list[str]) -> dict[str, str]:
             if failed:
                 raise WandError("; ".join(failed), "failed")
             return states
+        time.sleep(0.1)
+
+
+def _settled(c: Client) -> None:
+    """Poll until the daemon is done reloading: it says ``reloading`` from the moment it takes
+    the request until nothing it queued is still loading (then it sends READY=1 to systemd);
+    the new residents take over their components' addresses as each becomes ready."""
+    while True:
+        state = c.status()["daemon"]["state"]
+        if state == "failed":
+            raise WandError("the daemon failed while reloading (see wanctl logs)", "failed")
+        if state != "reloading":
+            return
         time.sleep(0.1)

@@ -3,8 +3,9 @@
 The unit files in the repository's ``systemd/`` folder are the only copy of their text. A
 source checkout (``pip install -e .``) reads them there; a wheel ships the same files as
 data files under ``<prefix>/share/wand/systemd/`` (``[tool.setuptools.data-files]`` in
-pyproject.toml). Installing rewrites one thing: ``ExecStart=/usr/local/bin/wand`` becomes the
-real ``wand`` executable.
+pyproject.toml). Installing rewrites two things: ``ExecStart=/usr/local/bin/wand`` becomes the
+real ``wand`` executable, and ``ExecReload=/usr/local/bin/wanctl`` the ``wanctl`` beside it
+(``systemctl reload`` runs ``wanctl reload``, which returns once the reload is done).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 DEFAULT_WAND = "/usr/local/bin/wand"  # the ExecStart= the files under systemd/ carry
+DEFAULT_WANCTL = "/usr/local/bin/wanctl"  # and their ExecReload=
 SHARE = ("share", "wand", "systemd")  # where a wheel puts them, under the install prefix
 
 # source file (relative to systemd/) → target, for each kind of install
@@ -86,21 +88,25 @@ def exec_path(path: Path) -> str:
     return s
 
 
-def render(text: str, wand: Path) -> str:
-    """Point every ``ExecStart=`` of a unit at ``wand``."""
-    prefix = f"ExecStart={DEFAULT_WAND}"
-    out, hits = [], 0
+def render(text: str, wand: Path, wanctl: Path) -> str:
+    """Point every ``ExecStart=`` of a unit at ``wand`` and every ``ExecReload=`` at
+    ``wanctl``; a service unit must have both."""
+    rewrites = {f"ExecStart={DEFAULT_WAND}": wand, f"ExecReload={DEFAULT_WANCTL}": wanctl}
+    out, hits = [], dict.fromkeys(rewrites, 0)
     for line in text.splitlines(keepends=True):
-        if line.startswith(prefix) and line[len(prefix) : len(prefix) + 1] in (" ", "\n", ""):
-            line = f"ExecStart={exec_path(wand)}{line[len(prefix) :]}"
-            hits += 1
+        for prefix, exe in rewrites.items():
+            if line.startswith(prefix) and line[len(prefix) : len(prefix) + 1] in (" ", "\n", ""):
+                key = prefix.split("=", 1)[0]
+                line = f"{key}={exec_path(exe)}{line[len(prefix) :]}"
+                hits[prefix] += 1
         out.append(line)
-    if not hits:
-        raise UnitsError(f"no 'ExecStart={DEFAULT_WAND} ...' line to rewrite")
+    missing = [prefix for prefix, n in hits.items() if not n]
+    if missing:
+        raise UnitsError(f"no '{missing[0]} ...' line to rewrite")
     return "".join(out)
 
 
-def plan(user: bool, dest: Path | None, wand: Path) -> list[Planned]:
+def plan(user: bool, dest: Path | None, wand: Path, wanctl: Path) -> list[Planned]:
     src = source_dir()
     if user:
         config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config").absolute()
@@ -112,7 +118,7 @@ def plan(user: bool, dest: Path | None, wand: Path) -> list[Planned]:
         text = (src / name).read_text()
         if name.endswith(".service"):
             try:
-                text = render(text, wand)
+                text = render(text, wand, wanctl)
             except UnitsError as e:
                 raise UnitsError(f"{src / name}: {e}") from None
         written = Path(target) if dest is None else dest / Path(target).relative_to("/")
@@ -150,9 +156,9 @@ def closed_folder(path: Path) -> Path | None:
 
 
 def unusable_by_others(wand: Path) -> str | None:
-    """Why another user (``wand``) could not run ``wand``: a closed folder above the script
-    or above the interpreter its ``#!`` line names (a venv's python is often a link into a
-    private pyenv)."""
+    """Why another user (``wand``) could not run ``wand`` (or ``wanctl``): a closed folder
+    above the script or above the interpreter its ``#!`` line names (a venv's python is often
+    a link into a private pyenv)."""
     paths = [wand.resolve()]
     try:
         with open(wand, "rb") as f:
@@ -204,9 +210,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         description="Write wand's systemd units (system: /etc/systemd/system, "
         "/etc/sysusers.d/wand.conf, /etc/wand/wand.toml.example; --user: "
         "~/.config/systemd/user, ~/.config/wand/wand.toml.example) with ExecStart= set to "
-        "the wand executable, then print the commands that enable them. Existing unit files "
-        "are replaced; put local changes in drop-ins (systemctl edit). wand.toml is never "
-        "touched.",
+        "the wand executable and ExecReload= to the wanctl beside it, then print the "
+        "commands that enable them. Existing unit files are replaced; put local changes in "
+        "drop-ins (systemctl edit). wand.toml is never touched.",
     )
     p.add_argument("--user", action="store_true", help="install user units (systemctl --user)")
     p.add_argument(
@@ -221,6 +227,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         metavar="PATH",
         help="the wand executable for ExecStart= (default: the one beside this Python, "
         "else the one on PATH)",
+    )
+    p.add_argument(
+        "--wanctl",
+        type=Path,
+        metavar="PATH",
+        help="the wanctl executable for ExecReload= (default: the one beside the wand)",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="print what would be written, write nothing"
@@ -246,20 +258,26 @@ def _run(args: argparse.Namespace) -> int:
     wand = Path(wand).absolute()
     if not (wand.is_file() and os.access(wand, os.X_OK)):
         raise UnitsError(f"{wand} is not an executable file")
+    wanctl = Path(args.wanctl or wand.parent / "wanctl").absolute()
+    if not (wanctl.is_file() and os.access(wanctl, os.X_OK)):
+        how = "" if args.wanctl else f" (ExecReload= runs the wanctl beside {wand}; use --wanctl)"
+        raise UnitsError(f"{wanctl} is not an executable file{how}")
     dest = args.dest.absolute() if args.dest else None
-    planned = plan(args.user, dest, wand)
+    planned = plan(args.user, dest, wand, wanctl)
     if not args.dry_run:
         write(planned)
     warnings = []
-    why = None if args.user else unusable_by_others(wand)
-    if why is not None:
-        warnings.append(f"{why}: install wand elsewhere (e.g. a venv in /opt/wand)")
+    for exe in () if args.user else (wand, wanctl):
+        why = unusable_by_others(exe)
+        if why is not None and not any(why in w for w in warnings):
+            warnings.append(f"{why}: install wand elsewhere (e.g. a venv in /opt/wand)")
     steps = next_steps(args.user, wand)
     if args.json:
         print(
             json.dumps(
                 {
                     "wand": str(wand),
+                    "wanctl": str(wanctl),
                     "dry_run": args.dry_run,
                     "files": [
                         {"path": str(p.written), "target": str(p.target), "action": p.action}
@@ -277,6 +295,7 @@ def _run(args: argparse.Namespace) -> int:
     for p in planned:
         print(f"{verb}{words[p.action]} {p.written}")
     print(f"ExecStart= runs {wand}")
+    print(f"ExecReload= runs {wanctl}")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     print("\nnext steps:" if dest is None else f"\nnext steps, once {dest} is installed as /:")
