@@ -629,7 +629,8 @@ def cold(box) -> dict[str, Any]:
 def test_a_restarted_daemon_adopts_every_slab_and_reads_no_checkpoint(box, cold, how):
     svc = box.started()
     pid, restarts = int(svc["MainPID"]), int(svc["NRestarts"])
-    assert box.fdstore() == 2 * len(COMPONENTS)  # each slab and its record
+    # each slab and its record, and the checkpoint's spec
+    assert box.fdstore() == 2 * len(COMPONENTS) + 1
     since = box.now()
     if how == "restart":
         box.run("systemctl", "restart", "wand.service")
@@ -651,15 +652,16 @@ def test_a_restarted_daemon_adopts_every_slab_and_reads_no_checkpoint(box, cold,
     assert {k: c["checksum"] for k, c in comps.items()} == was
     # the cold start read the checkpoint's bytes; this one read only their headers
     assert cold["rchar"] - rchar > 0.8 * cold["disk"], (cold["rchar"], rchar, cold["disk"])
-    box.logged(since, "adopted from the fd store")
+    box.logged(since, "adopted from the fd store", "spec from the fd store")
     box.say(
         f"{how}: new daemon read {rchar / 1e6:.0f} MB (cold start: {cold['rchar'] / 1e6:.0f} MB, "
         f"checkpoint {cold['disk'] / 1e6:.0f} MB on disk), adopted {len(comps)} slabs"
     )
 
 
-# which processes in the box hold a wand memfd (slab "wand:…" or record "wand-record:…"),
-# as a descriptor or a mapping: one "PID fd|map NAME" line each; PID 1 is systemd (fd store)
+# which processes in the box hold a wand memfd (slab "wand:…", record "wand-record-…" or spec
+# "wand-spec-…"), as a descriptor or a mapping: one "PID fd|map NAME" line each; PID 1 is
+# systemd (fd store)
 HOLDERS = r"""
 for p in /proc/[0-9]*; do
   pid=${p#/proc/}
@@ -711,7 +713,8 @@ def test_stop_leaves_no_slab_memory_once_the_clients_are_gone(box):
         running = _holders(box)
         stored = {h for h in running[1] if h.startswith("fd ")}  # systemd's fd store
         assert len([h for h in stored if h.startswith("fd wand:")]) == len(COMPONENTS), running
-        assert len([h for h in stored if h.startswith("fd wand-record:")]) == len(COMPONENTS)
+        assert len([h for h in stored if h.startswith("fd wand-record-")]) == len(COMPONENTS)
+        assert len([h for h in stored if h.startswith("fd wand-spec-")]) == 1  # the checkpoint
         assert len([h for h in running[agent.pid] if h.startswith("map wand:")]) == 4, running
         assert daemon in running
 
