@@ -110,3 +110,14 @@ def test_unknown_component_message_lists_what_is_loaded(daemon):
         c.attach("t5")
     assert e.value.code == "unknown_component"
     assert "t2v-A14B/high_noise_model" in str(e.value)
+
+
+def test_a_packed_value_in_a_reply_reads_like_the_value_itself():
+    """The daemon splices each manifest into attach replies already packed."""
+    man = {"tensors": [["w", "bfloat16", [2, 3], [3, 1], 0]], "config": {"a": None}}
+    result = {"name": "c/x", "handle": {"ticket": "t"}, "manifest": man}
+    spliced = {**result, "manifest": protocol.Packed(protocol.pack(man))}
+    for req_id in (7, "s" * 100):
+        want = protocol.parse_reply(protocol.ok(req_id, result))
+        assert protocol.parse_reply(protocol.ok(req_id, spliced)) == want
+        assert want["result"] == result and want["id"] == req_id

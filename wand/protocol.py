@@ -89,8 +89,23 @@ def request(req_id: int | str, op: str, args: dict[str, Any] | None = None) -> b
     return pack({"v": VERSION, "id": req_id, "op": op, "args": args or {}})
 
 
+@dataclass(frozen=True)
+class Packed:
+    """A value already in msgpack form, spliced into a reply as it is: a component's
+    manifest (thousands of rows) is packed once, not at every attach."""
+
+    data: bytes
+
+
 def ok(req_id: int | str | None, result: Any) -> bytes:
-    return pack({"v": VERSION, "id": req_id, "ok": True, "result": result})
+    if not (isinstance(result, dict) and any(isinstance(v, Packed) for v in result.values())):
+        return pack({"v": VERSION, "id": req_id, "ok": True, "result": result})
+    p = msgpack.Packer(use_bin_type=True)
+    head = [p.pack_map_header(4), *map(p.pack, ("v", VERSION, "id", req_id, "ok", True))]
+    body = [p.pack("result"), p.pack_map_header(len(result))]
+    for key, value in result.items():
+        body += [p.pack(key), value.data if isinstance(value, Packed) else p.pack(value)]
+    return b"".join(head + body)
 
 
 def error(req_id: int | str | None, code: str, message: str) -> bytes:

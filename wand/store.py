@@ -58,6 +58,7 @@ class Resident:
     slab: Slab | None = None
     manifest: dict[str, Any] | None = None
     pending: list[str] = field(default_factory=list)  # addresses to take over once ready
+    wire: dict[str, Any] = field(default_factory=dict)  # manifest as attaches get it, by address
 
     @property
     def nbytes(self) -> int:
