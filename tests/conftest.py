@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import pytest
 import zmq
 
 import wand
+from wand import process
 from wand.errors import WandError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,15 +95,9 @@ class Daemon:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        status = process.stop(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
-        return self.proc.returncode
+        return status
 
 
 def daemon_slabs(pid: int) -> list[str]:

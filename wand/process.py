@@ -10,6 +10,8 @@ instead of being credited to the newcomer.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 _own: tuple[int, int] | None = None  # (pid, start) of this process, recomputed after fork
 
@@ -34,3 +36,16 @@ def own_start() -> int:
     if _own is None or _own[0] != pid:
         _own = (pid, start_time(pid) or 0)
     return _own[1]
+
+
+def stop(proc: subprocess.Popen, grace: float = 20) -> int:
+    """End a child: SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds;
+    its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

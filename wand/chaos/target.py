@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wand import process
 from wand.chaos.verdict import Footprint, PhaseResult
 from wand.client import Client
 from wand.errors import WandError
@@ -138,13 +139,8 @@ class Target:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            process.stop(self.proc)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def _wait_ready(self) -> Client:
