@@ -51,6 +51,8 @@ ENDPOINT = f"ipc://{SOCK}"
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 COMPONENTS = ("text_encoder", "vae", "high_noise_model", "low_noise_model")
 EXPERTS = ("high_noise_model", "low_noise_model")
+# a drop-in for a checkout under /tmp: the units' PrivateTmp= would hide it from the daemon
+CHECKOUT_DROPIN = "/etc/systemd/system/{unit}.d/10-checkout.conf"
 WIDTH, LAYERS = 512, 4  # ≈ 90 MB resident, 150 MB on disk: loading is seen, memory is measured
 
 pytestmark = [
@@ -317,7 +319,7 @@ def _tail(text: str, n: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-n:])
 
 
-def _binds() -> list[str]:
+def _code_paths() -> list[Path]:
     """The checkout, its venv and the Python the venv runs on, unless one holds another."""
     paths: list[Path] = []
     for p in (ROOT, VENV, Path(sys.base_prefix)):
@@ -329,7 +331,18 @@ def _binds() -> list[str]:
             "the venv runs on the system Python in /usr, which cannot be bound over the box's "
             "own /usr: create .venv with a Python installed elsewhere (pyenv, /opt)"
         )
-    return [a for p in [*paths, DATA] for a in ("--bind", str(p))]
+    return paths
+
+
+def _binds() -> list[str]:
+    return [a for p in [*_code_paths(), DATA] for a in ("--bind", str(p))]
+
+
+def _hidden_by_private_tmp() -> list[Path]:
+    """The code paths that the units' PrivateTmp= would hide from the daemon (a checkout
+    cloned under /tmp, as CI may)."""
+    tmp = (Path("/tmp"), Path("/var/tmp"))
+    return [p for p in _code_paths() if any(t in p.parents for t in tmp)]
 
 
 def _write_checkpoints() -> None:
@@ -394,9 +407,16 @@ def _provision(b: Box) -> str:
     """Install the units the way a user does, create the users, write the configuration."""
     version = b.run("systemctl", "--version").stdout.splitlines()[0]
     report = json.loads(b.run(str(WANCTL), "install-units", "--json").stdout)
-    assert report["warnings"] == [], report["warnings"]  # user wand can run the venv's wand
+    # user wand can run the venv's wand; a checkout under /tmp is said to be hidden
+    hidden = _hidden_by_private_tmp()
+    assert bool(report["warnings"]) == bool(hidden), report["warnings"]
+    assert all("PrivateTmp=" in w for w in report["warnings"]), report["warnings"]
     assert report["wand"] == str(VENV / "bin" / "wand")
     assert report["wanctl"] == str(WANCTL)
+    for unit in ("wand.service", "wand@.service") if hidden else ():
+        # what install-units tells a user with wand under /tmp to do
+        binds = " ".join(str(p) for p in hidden)
+        b.write(CHECKOUT_DROPIN.format(unit=unit), f"[Service]\nBindReadOnlyPaths={binds}\n")
     b.run("systemd-sysusers", "/etc/sysusers.d/wand.conf")
     b.run("useradd", "--create-home", "--groups", "wand", "alice")
     b.run("useradd", "--create-home", "bob")
@@ -437,7 +457,9 @@ def test_the_box_runs_the_units_install_units_wrote(box):
         "disabled"
     )
     dropins = box.run("systemctl", "show", "-pDropInPaths", "wand.service").stdout.strip()
-    assert dropins == "DropInPaths=", dropins  # nothing overrides them
+    # nothing overrides them, but for a checkout under /tmp made visible to the daemon
+    bound = CHECKOUT_DROPIN.format(unit="wand.service") if _hidden_by_private_tmp() else ""
+    assert dropins == f"DropInPaths={bound}", dropins
 
 
 def test_the_first_request_starts_the_service_by_socket_activation(box):

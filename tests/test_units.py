@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -248,8 +249,6 @@ def test_bad_wand_path_is_refused(tmp_path: Path) -> None:
 
 def test_warns_when_user_wand_cannot_run_it() -> None:
     """A venv whose python links into a private folder (pyenv under /root) is flagged."""
-    import tempfile
-
     top = Path(tempfile.mkdtemp(prefix="wand-units-"))  # not under pytest's 0700 folder
     try:
         top.chmod(0o755)
@@ -268,7 +267,26 @@ def test_warns_when_user_wand_cannot_run_it() -> None:
         assert why is not None and str(top / "closed") in why
         rc, out, err = install("--dry-run", "--dest", str(top / "d"), "--wand", str(bad))
         assert rc == 0 and "warning:" in err and str(top / "closed") in err
-        assert err.count("warning:") == 1  # wand and wanctl share the closed folder: said once
+        # wand and wanctl share the closed folder: said once
+        assert err.count("is closed to other users") == 1, err
+    finally:
+        shutil.rmtree(top)
+
+
+def test_warns_when_private_tmp_would_hide_it(tmp_path):
+    """The system units' PrivateTmp= gives the daemon an empty /tmp: a wand under /tmp or
+    /var/tmp would not start."""
+    assert units.hidden_by_private_tmp(Path("/opt/wand/.venv/bin/wand")) is None
+    why = units.hidden_by_private_tmp(Path("/var/tmp/checkout/.venv/bin/wand"))
+    assert why is not None and "BindReadOnlyPaths=/var/tmp/checkout " in why
+    exe = stand_in(Path(tempfile.mkdtemp(dir="/tmp")) / "venv" / "bin")
+    try:
+        top = Path("/tmp") / exe.relative_to("/tmp").parts[0]
+        rc, _, err = install("--dry-run", "--dest", str(tmp_path / "d"), "--wand", str(exe))
+        assert rc == 0 and err.count(f"warning: {top} is under /tmp") == 1, err
+        user = ("--user", "--dry-run", "--dest", str(tmp_path / "u"), "--wand", str(exe))
+        rc, _, err = install(*user)
+        assert rc == 0 and "PrivateTmp" not in err  # the user units have no PrivateTmp=
     finally:
         shutil.rmtree(top)
 

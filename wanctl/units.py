@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 DEFAULT_WAND = "/usr/local/bin/wand"  # the ExecStart= the files under systemd/ carry
 DEFAULT_WANCTL = "/usr/local/bin/wanctl"  # and their ExecReload=
+PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))  # what the system units' PrivateTmp= hides
 SHARE = ("share", "wand", "systemd")  # where a wheel puts them, under the install prefix
 
 # source file (relative to systemd/) → target, for each kind of install
@@ -155,22 +156,42 @@ def closed_folder(path: Path) -> Path | None:
     return None
 
 
-def unusable_by_others(wand: Path) -> str | None:
-    """Why another user (``wand``) could not run ``wand`` (or ``wanctl``): a closed folder
-    above the script or above the interpreter its ``#!`` line names (a venv's python is often
-    a link into a private pyenv)."""
-    paths = [wand.resolve()]
+def run_paths(exe: Path) -> list[Path]:
+    """What running ``exe`` needs: the script and the interpreter its ``#!`` line names (a
+    venv's python is often a link into a private pyenv), resolved."""
+    paths = [exe.resolve()]
     try:
-        with open(wand, "rb") as f:
+        with open(exe, "rb") as f:
             first = f.readline(4096)
     except OSError:
         first = b""
     if first.startswith(b"#!") and first[2:].split():
         paths.append(Path(first[2:].split()[0].decode(errors="replace")).resolve())
-    for p in paths:
+    return paths
+
+
+def unusable_by_others(wand: Path) -> str | None:
+    """Why another user (``wand``) could not run ``wand`` (or ``wanctl``): a closed folder
+    above what running it needs."""
+    for p in run_paths(wand):
         closed = closed_folder(p)
         if closed is not None:
             return f"{closed} is closed to other users, so user wand cannot run {p}"
+    return None
+
+
+def hidden_by_private_tmp(exe: Path) -> str | None:
+    """Why the system units' daemon would not find ``exe``: it lies under /tmp or /var/tmp,
+    which ``PrivateTmp=`` replaces with an empty folder of the daemon's own."""
+    for p in run_paths(exe):
+        for tmp in PRIVATE_TMP:
+            if tmp in p.parents:
+                top = tmp / p.relative_to(tmp).parts[0]
+                return (
+                    f"{top} is under {tmp}, which PrivateTmp= in the units hides from the "
+                    f"daemon: install wand elsewhere, or add BindReadOnlyPaths={top} in a "
+                    "drop-in (systemctl edit wand)"
+                )
     return None
 
 
@@ -271,6 +292,9 @@ def _run(args: argparse.Namespace) -> int:
         why = unusable_by_others(exe)
         if why is not None and not any(why in w for w in warnings):
             warnings.append(f"{why}: install wand elsewhere (e.g. a venv in /opt/wand)")
+        hidden = hidden_by_private_tmp(exe)
+        if hidden is not None and hidden not in warnings:
+            warnings.append(hidden)
     steps = next_steps(args.user, wand)
     if args.json:
         print(
