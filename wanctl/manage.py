@@ -73,7 +73,7 @@ def load(args: argparse.Namespace) -> int:
             request[key] = parse_assignments(getattr(args, key))
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
         names = c.request("load", **request)["components"]
-        states = _wait(c, names) if not args.no_wait else {n: "queued" for n in names}
+        states = c.wait_loaded(names) if not args.no_wait else {n: "queued" for n in names}
     if args.json:
         print(json.dumps(states, indent=2))
     else:
@@ -97,7 +97,7 @@ def load_lora(args: argparse.Namespace) -> int:
         request["checkpoint"] = args.checkpoint
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
         name = c.request("load_lora", **request)["name"]
-        states = _wait(c, [name])
+        states = c.wait_loaded([name])
     print(json.dumps(states) if args.json else f"{name}: {states[name]}")
     return 0
 
@@ -150,20 +150,6 @@ def _print(records: list[dict[str, Any]], as_json: bool) -> None:
     for r in records:
         print(json.dumps(r) if as_json else render(r))
     sys.stdout.flush()
-
-
-def _wait(c: Client, names: list[str]) -> dict[str, str]:
-    """Poll until every component is ready or failed (loading a real checkpoint takes
-    minutes: this waits as long as it takes, printing nothing)."""
-    while True:
-        comps = {x["name"]: x for x in c.status()["components"] if x["name"] in names}
-        states = {n: comps[n]["state"] if n in comps else "unloaded" for n in names}
-        if all(s not in ("queued", "loading") for s in states.values()):
-            failed = [f"{n}: {comps[n]['error']}" for n in names if states[n] == "failed"]
-            if failed:
-                raise WandError("; ".join(failed), "failed")
-            return states
-        time.sleep(0.1)
 
 
 def _settled(c: Client) -> None:

@@ -173,8 +173,7 @@ def lora_times(work: Path, checkpoint: Path, endpoint: str, repeat: int) -> dict
     path = write_tiny_lora(work / "bench-lora.safetensors", checkpoint, "comfy", rank=64)
     with Client(endpoint, name="bench") as c:
         address = c.request("load_lora", name="bench", path=str(path), expert="both", timeout=600)
-        while {x["name"]: x for x in c.list()}[address["name"]]["state"] != "ready":
-            time.sleep(0.1)
+        c.wait_loaded([address["name"]])
     runs = {
         how: [_fresh([f"lora_{how}", endpoint, str(path)]) for _ in range(repeat)]
         for how in ("file", "daemon")

@@ -21,7 +21,7 @@ import zmq
 from wand import fdsocket, modules, protocol, slabs
 from wand import manifest as manifests
 from wand.endpoint import describe, resolve, socket_path
-from wand.errors import ConnectError, DaemonError
+from wand.errors import ConnectError, DaemonError, WandError
 from wand.process import own_start
 from wand.spec import LORA_CLASS, LORA_PREFIX
 
@@ -148,6 +148,20 @@ class Client:
         from wand.pipeline import build
 
         return build(self, checkpoint, **overrides)
+
+    def wait_loaded(self, names: list[str]) -> dict[str, str]:
+        """Poll until every component in ``names`` is ready or failed (loading a real
+        checkpoint takes minutes: this waits as long as it takes); their states, ``unloaded``
+        for one that is gone. A failed one raises :class:`WandError` with its error."""
+        while True:
+            comps = {x["name"]: x for x in self.status()["components"] if x["name"] in names}
+            states = {n: comps[n]["state"] if n in comps else "unloaded" for n in names}
+            if all(s not in ("queued", "loading") for s in states.values()):
+                failed = [f"{n}: {comps[n]['error']}" for n in names if states[n] == "failed"]
+                if failed:
+                    raise WandError("; ".join(failed), "failed")
+                return states
+            time.sleep(0.1)
 
     def detach(self, name: str) -> None:
         """End this process's lease. Tensors already obtained stay readable (this process's

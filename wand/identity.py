@@ -42,9 +42,10 @@ def same_bytes(a: ComponentSpec, b: ComponentSpec) -> bool:
     fa, fb = _files(a), _files(b)
     if len(fa) != len(fb):
         return False
-    pairs = [(x, y) for x, y in zip(fa, fb, strict=True) if _file_version(x) != _file_version(y)]
+    versions = [(_file_version(x), _file_version(y)) for x, y in zip(fa, fb, strict=True)]
+    pairs = [(vx, vy) for vx, vy in versions if vx != vy]
     for step in (_size, _sample, _digest):
-        if any(step(*_file_version(x)) != step(*_file_version(y)) for x, y in pairs):
+        if any(step(*vx) != step(*vy) for vx, vy in pairs):
             return False
     return True
 
