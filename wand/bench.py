@@ -70,7 +70,7 @@ def _run(
     }
     result["raw_read"] = raw_read(files)
     endpoint = f"ipc://{work}/bench.sock"
-    daemon = _start_daemon(checkpoint, endpoint, work / "daemon.log")
+    daemon = start_daemon(checkpoint, endpoint, work / "daemon.log")
     try:
         result["daemon"] = _wait_loaded(daemon, endpoint)
         result["daemon"]["gbps"] = result["disk_bytes"] / result["daemon"]["load_seconds"] / 1e9
@@ -107,7 +107,7 @@ def generate_times(work: Path, preset: str, repeat: int, width: int) -> dict[str
     )
     os.sync()
     endpoint = f"ipc://{work}/generate.sock"
-    daemon = _start_daemon(original, endpoint, work / f"generate-{preset}.log")
+    daemon = start_daemon(original, endpoint, work / f"generate-{preset}.log")
     out = work / "generate.mp4"
     wanctl = ["-m", "wanctl", "--endpoint", endpoint, "generate", "--json", "--out", str(out)]
     try:
@@ -243,7 +243,8 @@ def raw_read(files: list[Path]) -> dict[str, float]:
     return {"seconds": seconds, "bytes": total, "gbps": total / seconds / 1e9}
 
 
-def _start_daemon(checkpoint: Path, endpoint: str, log: Path, *flags: str) -> subprocess.Popen:
+def start_daemon(checkpoint: Path, endpoint: str, log: Path, *flags: str) -> subprocess.Popen:
+    """``wand`` on ``checkpoint`` at ``endpoint``, logging (warnings and up) to ``log``."""
     with open(log, "wb") as out:
         return subprocess.Popen(
             [

@@ -138,9 +138,8 @@ def context(index: int) -> Iterator[None]:
     with _lock:
         ctx = _contexts.get(index)
         if ctx is None:
-            dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-            call("cuDeviceGet", ctypes.byref(dev), index)
-            call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
+            ctx = ctypes.c_void_p()
+            call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), _device(index))
             _contexts[index] = ctx
     call("cuCtxPushCurrent_v2", ctx)
     try:

@@ -59,7 +59,7 @@ def run(workdir: Path, width: int = WIDTH, repeat: int = 5, device: str = "cuda:
     r["page_cache_read"] = parallel_read(files)
     r["h2d"] = pinned_h2d(device)
     endpoint = f"ipc://{workdir}/bench.sock"
-    daemon = bench._start_daemon(original, endpoint, workdir / "daemon.log", "--device", device)
+    daemon = bench.start_daemon(original, endpoint, workdir / "daemon.log", "--device", device)
     try:
         r["daemon"] = bench._wait_loaded(daemon, endpoint)
         r["daemon"]["gbps"] = r["disk_bytes"] / r["daemon"]["load_seconds"] / 1e9

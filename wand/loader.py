@@ -22,7 +22,7 @@ from wand.errors import CheckpointError, WandError
 from wand.files import open_regular, read_into
 from wand.manifest import DTYPES, tensor_digest
 from wand.spec import ComponentSpec, TensorSpec
-from wand.tensorfile import TensorFile, TensorInfo
+from wand.tensorfile import TensorFile, TensorInfo, byte_view
 
 Progress = Callable[[int], None]  # called with the bytes just written
 SCRATCH_BYTES = 16 << 20
@@ -79,7 +79,7 @@ def read_tensor(
     """Read ``t``'s bytes from ``f`` into the contiguous tensor ``dst``, casting if need be."""
     start, what = f.offset(t.key), repr(t.key)
     if info.dtype == dst.dtype:
-        read_into(fd, _bytes(dst), start, f.path, what)
+        read_into(fd, byte_view(dst), start, f.path, what)
         return
     scratch = getattr(local, "scratch", None)
     if scratch is None:
@@ -89,7 +89,7 @@ def read_tensor(
     for first in range(0, out.numel(), per_piece):
         n = min(per_piece, out.numel() - first)
         piece = scratch[: n * info.dtype.itemsize]
-        read_into(fd, _bytes(piece), start + first * info.dtype.itemsize, f.path, what)
+        read_into(fd, byte_view(piece), start + first * info.dtype.itemsize, f.path, what)
         out[first : first + n].copy_(piece.view(info.dtype))
 
 
@@ -111,7 +111,3 @@ def source_info(f: TensorFile, t: TensorSpec) -> TensorInfo:
             f"{f.path}: tensor {t.key!r} is stored as {info.dtype}, {t.name} needs {t.dtype}"
         )
     return info
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -90,7 +90,7 @@ class TensorFile:
         out = torch.empty(info.shape, dtype=info.dtype)
         fd = open_regular(self.path)
         try:
-            read_into(fd, _bytes(out), self._offsets[key], self.path, repr(key))
+            read_into(fd, byte_view(out), self._offsets[key], self.path, repr(key))
         finally:
             os.close(fd)
         return out
@@ -220,5 +220,6 @@ def _short(v: object) -> str:
     return text[:60]
 
 
-def _bytes(t: torch.Tensor) -> memoryview:
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place (what positional reads fill)."""
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())

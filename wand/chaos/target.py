@@ -8,14 +8,13 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from wand import process
+from wand import bench, process
 from wand.chaos.verdict import Footprint, PhaseResult
 from wand.client import Client
 from wand.errors import WandError
@@ -160,13 +159,7 @@ class Target:
 
 
 def _start(checkpoint: Path, endpoint: str, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wand.daemon", "--checkpoint", str(checkpoint)]
-            + ["--endpoint", endpoint, "--log-level", "WARNING"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = bench.start_daemon(checkpoint, endpoint, log)
     _, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (min(DAEMON_NOFILE, hard), hard))
     return proc
