@@ -50,12 +50,12 @@ def same_bytes(a: ComponentSpec, b: ComponentSpec) -> bool:
     return True
 
 
-def adoption_key(path: Path, layout: str, spec: ComponentSpec, device: str) -> str:
+def adoption_key(path: Path, layout: str, spec: ComponentSpec, device: str, versions: tuple) -> str:
     """What a stored slab must have been loaded from to be adopted for ``spec``: the
     checkpoint folder and layout, the component's shape key on ``device`` (a GPU UUID or
-    ``cpu``), and the versions (path, size, mtime, inode) of its files."""
+    ``cpu``), and ``versions``, its :func:`stamp` (path, size, mtime, inode of its files)."""
     text = json.dumps(
-        [str(path), layout, spec.name, repr(shape_key(spec, device)), stamp(spec)],
+        [str(path), layout, spec.name, repr(shape_key(spec, device)), versions],
         sort_keys=True,
     )
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
@@ -66,8 +66,13 @@ def _files(spec: ComponentSpec) -> list[Path]:
 
 
 def _file_version(path: Path) -> tuple:
+    return (os.path.realpath(path), *_size_mtime_inode(path))  # (realpath never raises)
+
+
+def _size_mtime_inode(path: Path) -> tuple[int, int, int]:
+    """A file's version without its resolved path (a folder's files are named relative to it)."""
     st = os.stat(path)
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)  # (never raises)
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _size(path: str, size: int, mtime_ns: int, ino: int) -> int:
@@ -111,7 +116,7 @@ def entry_fingerprint(entry: CheckpointConfig) -> str:
     reading the folder again would give the same spec."""
     folder = Path(os.path.realpath(entry.path))
     files = sorted(
-        (str(Path(root, f).relative_to(folder)), *_file_version(Path(root, f))[1:])
+        (str(Path(root, f).relative_to(folder)), *_size_mtime_inode(Path(root, f)))
         for root, _, names in os.walk(folder)
         for f in names
     )

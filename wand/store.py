@@ -430,9 +430,11 @@ class Store:
         """A resident for ``comp``: adopted from the fd store if a stored slab matches it,
         else queued for the loader."""
         device = _device(ckpt.config, comp.name)
-        key = identity.adoption_key(ckpt.spec.path, ckpt.spec.layout, comp, device.uuid or "cpu")
+        stamp = ckpt.stamps[comp.name]
+        spec = ckpt.spec
+        key = identity.adoption_key(spec.path, spec.layout, comp, device.uuid or "cpu", stamp)
         shape = identity.shape_key(comp, device.name)
-        resident = Resident(comp, device, shape, ckpt.stamps[comp.name], {key})
+        resident = Resident(comp, device, shape, stamp, {key})
         self.residents[resident.id] = resident
         stored = next((s for s in self.stored.values() if key in s.record["keys"]), None)
         if stored is not None and self._adopt(resident, stored):

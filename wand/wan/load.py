@@ -16,7 +16,9 @@ def load_state_dict(component: ComponentSpec) -> dict[str, torch.Tensor]:
     files: dict[str, TensorFile] = {}
     state: dict[str, torch.Tensor] = {}
     for spec in component.tensors:
-        f = files.setdefault(str(spec.file), TensorFile(spec.file))
+        f = files.get(str(spec.file))
+        if f is None:  # one TensorFile per file, not per tensor
+            f = files[str(spec.file)] = TensorFile(spec.file)
         tensor = f.read(spec.key).to(spec.dtype).reshape(spec.shape)
         for name in (spec.name, *spec.aliases):
             state[name] = tensor
