@@ -16,8 +16,8 @@ import pytest
 import zmq
 
 import wand
-from wand import process
-from wand.errors import WandError
+from wand.common import process
+from wand.common.errors import WandError
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYOUT_CASES = [

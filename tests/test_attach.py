@@ -191,7 +191,7 @@ def test_modules_are_bound_to_the_slab(daemon):
 
 DIES_MID_REQUEST = """
 import os, sys, zmq
-from wand import protocol
+from wand.common import protocol
 ctx = zmq.Context()
 s = ctx.socket(zmq.DEALER)
 s.connect(sys.argv[1])

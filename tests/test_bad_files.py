@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import ROOT, Raw, daemon_slabs
 
-from wand.errors import CheckpointError
+from wand.common.errors import CheckpointError
 from wand.wan import read_checkpoint, write_tiny
 
 SHARD = "diffusion_pytorch_model-00002-of-00006.safetensors"

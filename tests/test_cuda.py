@@ -60,7 +60,8 @@ def gpu_daemon(tiny):
 
 SAME_AS_CPU = """
 import json, sys, torch, wand
-from wand import loader, manifest
+from wand.common import manifest, views
+from wand.load import cpu as loader
 from wand.wan import read_checkpoint
 torch.empty(1, device="cuda")  # the context exists before measuring
 free = torch.cuda.mem_get_info()[0]
@@ -80,7 +81,7 @@ with wand.connect(sys.argv[1]) as c:
         rows, n = manifest.layout(comp)
         cpu = torch.zeros(n, dtype=torch.uint8)
         loader.fill(cpu, comp, rows)
-        ref = manifest.views(cpu, att.manifest)
+        ref = views.views(cpu, att.manifest)
         out["equal"] &= all(torch.equal(t.cpu(), ref[k]) for k, t in att.tensors.items())
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # whatever verify() and the comparisons cached goes back
@@ -247,7 +248,7 @@ def test_a_gpu_index_the_daemon_cannot_see_is_a_configuration_error(tiny, tmp_pa
 
 
 def test_gpu_slabs_are_adopted_after_a_crash(tiny, tmp_path):
-    from wand.notifyhost import NotifyHost
+    from wand.tools.notifyhost import NotifyHost
 
     host = NotifyHost()
     endpoint = f"ipc://{tmp_path}/w.sock"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wand import endpoint
+from wand.common import endpoint
 
 
 def test_explicit_environment_wins(monkeypatch):

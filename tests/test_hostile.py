@@ -17,9 +17,9 @@ import zmq
 from conftest import ROOT, Raw, as_nobody
 
 import wand
-from wand import protocol
-from wand.logs import MAX_LINE, RingBuffer
-from wand.process import start_time
+from wand.common import protocol
+from wand.common.process import start_time
+from wand.daemon.logs import MAX_LINE, RingBuffer
 
 
 @pytest.fixture
@@ -215,8 +215,8 @@ def test_a_reused_revoked_pid_inherits_nothing(daemon, tiny):
 
 QUEUED_ATTACH = """
 import os, sys, zmq
-from wand import protocol
-from wand.process import own_start
+from wand.common import protocol
+from wand.common.process import own_start
 ctx = zmq.Context()
 s = ctx.socket(zmq.DEALER)
 s.connect(sys.argv[1])

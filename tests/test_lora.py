@@ -19,8 +19,9 @@ from test_pipeline import SHIFT, frames, image, reference
 
 from wanctl.cli import build_parser
 from wanctl.generate import plan
-from wand.lora import LoraError, check, read
-from wand.modules import skeleton
+from wand.common.errors import LoraError
+from wand.wan.lora_keys import check, read
+from wand.wan.modules import skeleton
 from wand.wan.tasks import TASKS, TRANSFORMER
 from wand.wan.tiny import PRESETS, transformer_config
 from wand.wan.tiny_lora import STYLES, write_tiny_lora

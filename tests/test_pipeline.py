@@ -9,8 +9,8 @@ from conftest import LAYOUT_CASES, Daemon
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 
-from wand.errors import WandError
-from wand.pipeline import fit_area, pick
+from wand.client.pipeline import fit_area, pick
+from wand.common.errors import WandError
 
 PROMPT = "a cat walks on the beach"
 # tiny sizes; 3 steps cross both A14B boundaries (t2v: 999, 960, 857 at shift 12)

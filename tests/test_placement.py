@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 
-from wand import config, manifest, placement, protocol
-from wand.errors import DeviceError, ProtocolError
-from wand.staging import Chunk, Piece, Read, plan
+from wand.common import manifest, placement, protocol, views
+from wand.common.errors import DeviceError, ProtocolError
+from wand.daemon import config
+from wand.load.gpu import Chunk, Piece, Read, plan
 
 UUID = "GPU-58e5a0f1-6e2c-4b7e-9f0a-1c2d3e4f5a6b"
 
@@ -205,7 +206,8 @@ def test_an_element_larger_than_a_chunk_is_refused():
 def test_staged_fill_matches_the_cpu_loader(tiny, layout):
     """The GPU loading path, run on CPU tensors: file reads and .pth memory copies, chunks
     split mid-tensor, casts, progress."""
-    from wand import loader, staging
+    from wand.load import cpu as loader
+    from wand.load import gpu as staging
     from wand.wan import read_checkpoint
 
     spec = read_checkpoint(tiny("t2v-A14B", layout))
@@ -234,8 +236,8 @@ def _reference_sum64(t: torch.Tensor) -> bytes:
 
 
 def test_sum64_matches_its_definition(monkeypatch):
-    monkeypatch.setattr(manifest, "SUM_BLOCK", 16)  # many blocks, combined on the host
-    manifest._positions.cache_clear()
+    monkeypatch.setattr(views, "SUM_BLOCK", 16)  # many blocks, combined on the host
+    views._positions.cache_clear()
     try:
         tensors = [
             torch.randint(0, 256, (1001,), dtype=torch.uint8),
@@ -244,9 +246,9 @@ def test_sum64_matches_its_definition(monkeypatch):
             torch.tensor([-32768, 32767, -1], dtype=torch.int16),
             torch.empty(0),
         ]
-        assert manifest.sum64_digests(tensors) == [_reference_sum64(t) for t in tensors]
+        assert views.sum64_digests(tensors) == [_reference_sum64(t) for t in tensors]
     finally:
-        manifest._positions.cache_clear()
+        views._positions.cache_clear()
 
 
 def test_sum64_sees_swaps_and_flips():
@@ -254,13 +256,13 @@ def test_sum64_sees_swaps_and_flips():
     swapped, flipped = t.clone(), t.clone()
     swapped[[3, 4]] = swapped[[4, 3]]
     flipped[10] ^= 1
-    digests = manifest.sum64_digests([t, swapped, flipped])
+    digests = views.sum64_digests([t, swapped, flipped])
     assert len(set(digests)) == 3
 
 
 @pytest.mark.parametrize("method", ["crc32", "sum64"])
 def test_verify_dispatches_on_the_checksum_method(tiny, method):
-    from wand import loader
+    from wand.load import cpu as loader
     from wand.wan import read_checkpoint
 
     comp = read_checkpoint(tiny()).components["vae"]
@@ -268,20 +270,20 @@ def test_verify_dispatches_on_the_checksum_method(tiny, method):
     flat = torch.zeros(nbytes, dtype=torch.uint8)
     loader.fill(flat, comp, rows)
     man = {"tensors": rows, "aliases": {}}
-    man["checksum"] = manifest.checksum(manifest.digests(flat, man, method), method)
+    man["checksum"] = manifest.checksum(views.digests(flat, man, method), method)
     assert man["checksum"].startswith(method + ":")
-    assert manifest.verify(flat, man)
+    assert views.verify(flat, man)
     flat[int(rows[-1][4])] ^= 1
-    assert not manifest.verify(flat, man)
+    assert not views.verify(flat, man)
     with pytest.raises(ProtocolError, match="unknown checksum method"):
-        manifest.verify(flat, {**man, "checksum": "md4:00"})
+        views.verify(flat, {**man, "checksum": "md4:00"})
 
 
 # --- the device check's benchmark, what of it runs without a GPU ----------------------------
 
 
 def test_gpubench_reads_files_in_parallel_and_renders_its_table(tmp_path):
-    from wand import gpubench
+    from wand.tools import gpubench
 
     files = []
     for i, size in enumerate((0, 1, (1 << 20) + 3)):

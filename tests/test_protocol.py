@@ -7,8 +7,8 @@ import pytest
 import zmq
 from conftest import Raw
 
-from wand import protocol
-from wand.process import own_start
+from wand.common import protocol
+from wand.common.process import own_start
 
 START = own_start()
 
@@ -104,7 +104,7 @@ def test_request_over_transport_limit_is_dropped_and_daemon_stays_up(daemon, raw
 
 
 def test_unknown_component_message_lists_what_is_loaded(daemon):
-    from wand.errors import DaemonError
+    from wand.common.errors import DaemonError
 
     with daemon.connect() as c, pytest.raises(DaemonError) as e:
         c.attach("t5")

@@ -17,8 +17,8 @@ import pytest
 from conftest import ROOT, Daemon, Raw, as_nobody, daemon_slabs, run_wanctl
 
 import wand
-from wand import protocol
-from wand.notifyhost import NotifyHost
+from wand.common import protocol
+from wand.tools.notifyhost import NotifyHost
 
 
 @pytest.fixture
@@ -351,7 +351,7 @@ def test_logs_shows_and_follows_the_daemon_log(daemon):
 
 
 def test_the_config_knows_the_same_tasks_as_the_checkpoint_reader():
-    from wand import config
+    from wand.daemon import config
     from wand.wan import TASKS
 
     assert config.TASKS == tuple(TASKS)  # config keeps a copy: it must not import wand.wan

@@ -22,8 +22,8 @@ import pytest
 from conftest import ROOT, as_nobody
 
 import wand
-from wand import fdsocket
-from wand.notifyhost import NotifyHost
+from wand.common import fdsocket
+from wand.tools.notifyhost import NotifyHost
 from wand.wan import write_tiny
 
 COMPONENTS = ("text_encoder", "vae", "high_noise_model", "low_noise_model")
@@ -372,7 +372,7 @@ def test_a_client_in_another_mount_namespace_attaches(daemon):
 def test_a_checkpoint_spec_survives_its_stored_record(tiny, task, layout):
     import msgpack
 
-    from wand.spec import from_record, to_record
+    from wand.common.spec import from_record, to_record
     from wand.wan import read_checkpoint
 
     spec = read_checkpoint(tiny(task, layout))

@@ -1,6 +1,6 @@
 """The GPU slab lifecycle against the strict fake CUDA driver (tests/fakecuda), no GPU needed.
 
-wand's driver layer (``wand.cuda``) loads the fake through ``$WAND_LIBCUDA``; the daemon's
+wand's driver layer (``wand.slabs.cuda``) loads the fake through ``$WAND_LIBCUDA``; the daemon's
 side of a slab (``VmmSlab``) and a client's (``Mapping`` over an imported descriptor) run in
 separate processes, descriptors travel over a socket pair as they do over the fd socket, and
 every test ends with no live allocation, mapping, reservation or exported descriptor in any
@@ -22,12 +22,13 @@ import pytest
 
 PRELUDE = """
 import ctypes, json, os, socket, sys, time
-from wand import cuda
-from wand.placement import Device
+from wand.slabs import cuda
+from wand.common.placement import Device
 from wand.slabs import vmm
 lib = ctypes.CDLL(os.environ["WAND_LIBCUDA"])
 lib.fakecuda_last_error.restype = ctypes.c_char_p
 NAMES = ("allocations", "mappings", "reservations", "exported_fds", "retains", "depth")
+ZERO_KEYS = NAMES[:4]
 def counts():
     out = (ctypes.c_longlong * 6)()
     lib.fakecuda_counts(out)
@@ -36,7 +37,7 @@ def settled(deadline=10.0):  # the reaper thread unmaps asynchronously
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         c = counts()
-        if not any(c[k] for k in ("allocations", "mappings", "reservations", "exported_fds")):
+        if not any(c[k] for k in (*ZERO_KEYS, "depth")):
             return c
         time.sleep(0.02)
     return counts()
@@ -356,7 +357,9 @@ def test_the_fake_refuses_what_wand_must_never_do(fake_libcuda):
 
 
 def test_a_wrong_library_is_a_clear_device_error(tmp_path):
-    code = "from wand import cuda\ntry:\n    cuda.driver()\nexcept Exception as e:\n    print(e)"
+    code = (
+        "from wand.slabs import cuda\ntry:\n    cuda.driver()\nexcept Exception as e:\n    print(e)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -369,7 +372,7 @@ def test_a_wrong_library_is_a_clear_device_error(tmp_path):
 
 def _probe(fake, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "wand.gpuprobe", "--json"],
+        [sys.executable, "-m", "wand.tools.gpuprobe", "--json"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from wand.errors import CheckpointError
+from wand.common.errors import CheckpointError
 from wand.wan import read_checkpoint, write_tiny
 
 T5 = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -96,7 +96,7 @@ def test_diffusers_missing_and_unexpected(tmp_path):
 def test_task_contradiction_and_unknowns(ckpt):
     _raises(ckpt, "i2v-A14B", "t2v-A14B", task="i2v-A14B")
     _raises(ckpt, "t2v-5B", task="t2v-5B")
-    _raises(ckpt, "'model'", dtypes={"model": torch.float16})
+    _raises(ckpt, "'model'", dtypes={"model": "float16"})
 
 
 def test_not_a_checkpoint(tmp_path):

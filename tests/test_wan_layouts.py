@@ -11,10 +11,11 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from wand.errors import CheckpointError
-from wand.modules import build
-from wand.spec import ComponentSpec
+from wand.common.dtypes import name_of, torch_dtype
+from wand.common.errors import CheckpointError
+from wand.common.spec import ComponentSpec
 from wand.wan import LAYOUTS, TASKS, load_state_dict, read_checkpoint, write_tiny
+from wand.wan.modules import build
 
 CASES = [(task, layout) for task in TASKS for layout in LAYOUTS]
 
@@ -43,11 +44,11 @@ def test_detects_task_layout_and_extras(tiny, task, layout):
 @pytest.mark.parametrize("task,layout", CASES)
 def test_default_dtypes(tiny, task, layout):
     spec = read_checkpoint(tiny[task, layout])
-    assert {t.dtype for t in spec.components["vae"].tensors} == {torch.float32}
-    assert {t.dtype for t in spec.components["text_encoder"].tensors} == {torch.bfloat16}
+    assert {t.dtype for t in spec.components["vae"].tensors} == {"float32"}
+    assert {t.dtype for t in spec.components["text_encoder"].tensors} == {"bfloat16"}
     expert = spec.components[TASKS[task].experts[0]]
-    fp32 = {t.name for t in expert.tensors if t.dtype == torch.float32}
-    bf16 = {t.name for t in expert.tensors if t.dtype == torch.bfloat16}
+    fp32 = {t.name for t in expert.tensors if t.dtype == "float32"}
+    bf16 = {t.name for t in expert.tensors if t.dtype == "bfloat16"}
     assert fp32 and bf16 and len(fp32) + len(bf16) == len(expert.tensors)
     assert "scale_shift_table" in fp32 and "blocks.0.norm2.weight" in fp32
     assert "condition_embedder.time_embedder.linear_1.weight" in fp32
@@ -88,7 +89,7 @@ def test_binds_and_matches_from_pretrained(tiny, task, layout):
     """Both layouts of one seed give modules equal, bit for bit, to from_pretrained's."""
     spec = read_checkpoint(tiny[task, layout])
     for name, component in spec.components.items():
-        dtype = component.tensors[0].dtype if name == "vae" else torch.bfloat16
+        dtype = torch_dtype(component.tensors[0].dtype) if name == "vae" else torch.bfloat16
         ours = build(component.cls, component.config, load_state_dict(component))
         ref = _reference(component, tiny[task, "diffusers"], dtype)
         theirs = ref.state_dict()
@@ -108,15 +109,15 @@ def test_dtype_overrides_match_from_pretrained(tiny, dtype):
     """keep-in-fp32 rules under other dtypes, as from_pretrained applies them."""
     folder = tiny["t2v-A14B", "diffusers"]
     dtypes = {"text_encoder": dtype, "low_noise_model": dtype, "vae": torch.bfloat16}
-    spec = read_checkpoint(folder, dtypes=dtypes)
+    spec = read_checkpoint(folder, dtypes={n: name_of(d) for n, d in dtypes.items()})
     for name, want in dtypes.items():
         component = spec.components[name]
         theirs = _reference(component, folder, want).state_dict()
         mine = {t.name: t.dtype for t in component.tensors}
         mine.update({a: t.dtype for t in component.tensors for a in t.aliases})
-        assert mine == {k: t.dtype for k, t in theirs.items()}, name
+        assert mine == {k: name_of(t.dtype) for k, t in theirs.items()}, name
     untouched = {t.name: t.dtype for t in spec.components["high_noise_model"].tensors}
-    assert untouched["patch_embedding.weight"] == torch.bfloat16
+    assert untouched["patch_embedding.weight"] == "bfloat16"
 
 
 def test_bench_preset_has_real_tensor_counts(tmp_path):

@@ -23,9 +23,9 @@ from diffusers.loaders.single_file_utils import (
     convert_wan_vae_to_diffusers,
 )
 
-from wand.modules import build
-from wand.tensorfile import TensorFile
+from wand.load.tensorfile import TensorFile
 from wand.wan import load_state_dict, read_checkpoint, write_tiny
+from wand.wan.modules import build
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def _wan_t5(sd: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor) 
 
 
 def test_t5_pth_matches_original_encoder(original):
-    spec = read_checkpoint(original["ti2v-5B"], dtypes={"text_encoder": torch.float32})
+    spec = read_checkpoint(original["ti2v-5B"], dtypes={"text_encoder": "float32"})
     component = spec.components["text_encoder"]
     files = {k: v.float() for k, v in _file_state(component).items()}
     model = build(component.cls, component.config, load_state_dict(component))

@@ -15,14 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from wanctl import generate, manage, units
-from wand import __version__
-from wand.chaos import PHASES, positive, seconds
-from wand.config import TASKS
-from wand.errors import ConnectError, WandError
-from wand.spec import LORA_CLASS
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+from wanctl import exits, generate, manage, units
+from wand.common.errors import ConnectError, WandError
+from wand.common.spec import LORA_CLASS
+from wand.common.version import __version__
+from wand.daemon.config import TASKS
+from wand.tools.chaos import PHASES, positive, seconds
 
 
 def _common_options(defaults: bool) -> argparse.ArgumentParser:
@@ -127,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ConnectError as e:
         print(f"wanctl: {e}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return exits.UNREACHABLE
     except WandError as e:
         print(f"wanctl: {e.code}: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return exits.ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `wanctl status | head`: the reader has all it wanted
@@ -140,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _daemon(op: str, render: Callable[[Any], str]) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        from wand.client import Client
+        from wand.client.connection import Client
 
         with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
             reply = c.request(op)
         print(json.dumps(reply, indent=2) if args.json else render(reply))
-        return EXIT_OK
+        return exits.OK
 
     return command
 
@@ -162,8 +160,8 @@ def _render(name: str) -> Callable[[Any], str]:
 def _verify(args: argparse.Namespace) -> int:
     import time
 
-    from wand.client import Client
-    from wand.modules import resolve_class
+    from wand.client.connection import Client
+    from wand.wan.modules import resolve_class
 
     rows = []
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
@@ -189,25 +187,25 @@ def _verify(args: argparse.Namespace) -> int:
             )
             c.detach(name)
     print(json.dumps(rows, indent=2) if args.json else _render("verify")(rows))
-    return EXIT_OK if all(r["checksum_ok"] for r in rows) else EXIT_ERROR
+    return exits.OK if all(r["checksum_ok"] for r in rows) else exits.ERROR
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from wand import bench
+    from wand.tools import bench
 
     result = bench.run(
         args.checkpoint, repeat=args.repeat, width=args.width, generate=args.generate
     )
     print(json.dumps(result, indent=2) if args.json else bench.render(result))
-    return EXIT_OK
+    return exits.OK
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    from wand import chaos
+    from wand.tools import chaos
 
     result = chaos.run(chaos.Options.of(args))
     print(json.dumps(result, indent=2) if args.json else chaos.render(result))
-    return EXIT_OK if result["passed"] else EXIT_ERROR
+    return exits.OK if result["passed"] else exits.ERROR
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -227,7 +225,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
         if args.json
         else f"wrote {args.task} ({args.layout} layout) to {path}"
     )
-    return EXIT_OK
+    return exits.OK
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

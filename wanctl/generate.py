@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wanctl import exits
+
 LORA_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -97,7 +99,7 @@ class Lora:
     text: str  # as given
     source: Path | str  # a file, or the name of a LoRA the daemon holds
     scale: float
-    expert: str | None  # "high", "low" or "both" (wand.lora.EXPERTS)
+    expert: str | None  # "high", "low" or "both" (wand.wan.lora_keys.EXPERTS)
 
 
 @dataclass
@@ -117,8 +119,7 @@ class Job:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wanctl.cli import EXIT_OK, EXIT_USAGE
-    from wand.client import Client
+    from wand.client.connection import Client
 
     try:
         check_task(args.task)
@@ -136,11 +137,11 @@ def run(args: argparse.Namespace) -> int:
             lora = time.perf_counter() - start - attach
     except UsageError as e:
         print(f"wanctl generate: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     report = generate(pipe, job, image)
     report.update(attach_seconds=attach, lora_seconds=lora)
     print(json.dumps(report, indent=2) if args.json else summary(report))
-    return EXIT_OK
+    return exits.OK
 
 
 def _import_libraries() -> None:
@@ -215,7 +216,7 @@ def choose(
 
 
 def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
-    from wand.pipeline import fit_area, image_modes
+    from wand.client.pipeline import fit_area, image_modes
     from wand.wan.sampling import NEGATIVE_PROMPT, SAMPLING
 
     task = info["task"]
@@ -340,10 +341,10 @@ def parse_lora(text: str, held: Collection[str]) -> tuple[Path | str, float]:
 def check_loras(loras: list[Lora], info: dict[str, Any]) -> None:
     """Each LoRA fits the experts it goes into, checked on the checkpoint's files before
     anything is attached. Files this process cannot read leave it to the loading."""
-    from wand.errors import CheckpointError
-    from wand.lora import EXPERTS, LoraError, check, describe, read
-    from wand.modules import skeleton
+    from wand.common.errors import CheckpointError, LoraError
     from wand.wan import read_checkpoint
+    from wand.wan.lora_keys import EXPERTS, check, describe, read
+    from wand.wan.modules import skeleton
     from wand.wan.tasks import TASKS
 
     loras = [x for x in loras if isinstance(x.source, Path)]  # the daemon checked its own
@@ -368,7 +369,7 @@ def check_loras(loras: list[Lora], info: dict[str, Any]) -> None:
 
 def apply_loras(pipe, job: Job) -> None:
     """Load every LoRA, set its scale, and fuse them when asked."""
-    from wand.lora import LoraError
+    from wand.common.errors import LoraError
 
     if not job.loras:
         return

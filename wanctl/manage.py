@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wand.client import Client
-from wand.config import LORA_EXPERTS, TASKS, parse_assignments
-from wand.errors import WandError
-from wand.logs import render
+from wanctl import exits
+from wand.client.connection import Client
+from wand.common.errors import WandError
+from wand.daemon.config import LORA_EXPERTS, TASKS, parse_assignments
+from wand.daemon.logs import render
 
 FOLLOW_EVERY = 0.5
 
@@ -78,13 +79,13 @@ def load(args: argparse.Namespace) -> int:
         print(json.dumps(states, indent=2))
     else:
         print("\n".join(f"{n}: {s}" for n, s in states.items()))
-    return 0 if all(s in ("ready", "queued") for s in states.values()) else 1
+    return exits.OK if all(s in ("ready", "queued") for s in states.values()) else exits.ERROR
 
 
 def unload(args: argparse.Namespace) -> int:
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
         _print_unloaded(c.request("unload", name=args.name, force=args.force), args.json)
-    return 0
+    return exits.OK
 
 
 def load_lora(args: argparse.Namespace) -> int:
@@ -99,7 +100,7 @@ def load_lora(args: argparse.Namespace) -> int:
         name = c.request("load_lora", **request)["name"]
         states = c.wait_loaded([name])
     print(json.dumps(states) if args.json else f"{name}: {states[name]}")
-    return 0
+    return exits.OK
 
 
 def unload_lora(args: argparse.Namespace) -> int:
@@ -108,7 +109,7 @@ def unload_lora(args: argparse.Namespace) -> int:
         request["checkpoint"] = args.checkpoint
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
         _print_unloaded(c.request("unload_lora", **request), args.json)
-    return 0
+    return exits.OK
 
 
 def _print_unloaded(reply: dict[str, Any], as_json: bool) -> None:
@@ -130,7 +131,7 @@ def reload(args: argparse.Namespace) -> int:
     else:
         lines = [f"{k}: {', '.join(v)}" for k, v in report.items() if v]
         print("\n".join(lines) or "no change")
-    return 1 if report["errors"] else 0
+    return exits.ERROR if report["errors"] else exits.OK
 
 
 def logs(args: argparse.Namespace) -> int:
@@ -143,7 +144,7 @@ def logs(args: argparse.Namespace) -> int:
             new = c.request("logs", since=since, limit=2000)["records"]
             _print(new, args.json)
             records = new or records
-    return 0
+    return exits.OK
 
 
 def _print(records: list[dict[str, Any]], as_json: bool) -> None:

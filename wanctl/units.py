@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
+from wanctl import exits
+
 DEFAULT_WAND = "/usr/local/bin/wand"  # the ExecStart= the files under systemd/ carry
 DEFAULT_WANCTL = "/usr/local/bin/wanctl"  # and their ExecReload=
 PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))  # what the system units' PrivateTmp= hides
@@ -265,11 +267,11 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
     except UnitsError as e:
         print(f"wanctl install-units: {e}", file=sys.stderr)
-        return 1
+        return exits.ERROR
     except OSError as e:
         hint = "" if args.user or os.geteuid() == 0 else " (run as root, or use --user)"
         print(f"wanctl install-units: {e}{hint}", file=sys.stderr)
-        return 1
+        return exits.ERROR
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -313,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
                 indent=2,
             )
         )
-        return 0
+        return exits.OK
     verb = "would " if args.dry_run else ""
     words = {"create": "create", "update": "update", "unchanged": "keep (unchanged)"}
     for p in planned:
@@ -325,4 +327,4 @@ def _run(args: argparse.Namespace) -> int:
     print("\nnext steps:" if dest is None else f"\nnext steps, once {dest} is installed as /:")
     for s in steps:
         print(f"  {s}")
-    return 0
+    return exits.OK

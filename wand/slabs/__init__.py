@@ -4,42 +4,42 @@ Two kinds side by side behind one small interface, so neither the daemon nor the
 branches on the device kind:
 
 - ``memfd`` (:mod:`wand.slabs.memfd`): host memory in a sealed memfd;
-- ``vmm`` (:mod:`wand.slabs.vmm`): GPU memory from ``cuMemCreate``, exported as a POSIX fd.
+- ``vmm`` (:mod:`wand.slabs.vmm`): GPU memory from ``cuMemCreate``, exported as a POSIX fd,
+  through the driver layer :mod:`wand.slabs.cuda`.
 
-The daemon side is a :class:`Slab`: created and filled once, sealed, then exported as a new
-descriptor for each attach (and one for systemd's fd store). The client side maps a
-descriptor it received: read-only and once per slab per process, or privately writable.
+The daemon side is a :class:`Slab`: created, filled once (by :mod:`wand.load`, through
+:meth:`Slab.writable`), sealed, then exported as a new descriptor for each attach (and one
+for systemd's fd store). The client side maps a descriptor it received: read-only and once
+per slab per process, or privately writable. Who holds a slab's memory and who frees it, in
+which order, on the CPU and the GPU: ``LIFETIME.md`` in this folder.
+
+This package is memory only: it imports neither the loaders nor the daemon nor the client,
+and torch only where a mapping becomes a tensor.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from wand.errors import ProtocolError
-from wand.placement import Device
+from wand.common.errors import ProtocolError
+from wand.common.placement import Device
 from wand.slabs import memfd
-from wand.spec import ComponentSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Slab(Protocol):
     kind: str
     label: str
-    nbytes: int
+    nbytes: int  # what the manifest lays out
+    size: int  # what the allocation holds: whole pages (memfd) or granules (vmm)
+    read_only: bool  # whether clients map it read-only (a driver may refuse that on a GPU)
     token: str  # unique across daemons and restarts; names the slab in the fd store
 
-    def fill(
-        self,
-        spec: ComponentSpec,
-        rows: list[list],
-        progress: Callable[[int], None],
-        cancelled: Callable[[], bool],
-    ) -> str:
-        """Copy the component's tensors in at the manifest rows ``rows``; the checksum.
-        ``cancelled`` is asked between tensors (raise :class:`wand.loader.Cancelled`)."""
+    def writable(self) -> torch.Tensor:
+        """The whole slab as one writable uint8 tensor, for filling it (before :meth:`seal`)."""
 
     def seal(self) -> None:
         """Done writing: every byte is in place and nothing writes it again."""

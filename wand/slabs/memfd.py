@@ -5,8 +5,8 @@ out of memory is an error there, never a SIGBUS in the middle of a copy), fills 
 writable shared mapping, drops that mapping and seals the file (``F_SEAL_WRITE |
 F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``). From then on the kernel refuses every writable
 shared mapping and every write, whoever asks, root included. The memfd has no name anyone
-can open: clients get it only as a file descriptor passed over the fd socket, and its pages
-live while any descriptor or mapping of it does.
+can open: clients get it only as a file descriptor passed over the fd socket. Who holds its
+pages and when they go: ``LIFETIME.md`` in this folder.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ import mmap
 import os
 import warnings
 import weakref
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from wand.common.errors import WandError
 
-from wand import loader, manifest
-from wand.errors import WandError
-from wand.spec import ComponentSpec
+if TYPE_CHECKING:
+    import torch
 
 KIND = "memfd"
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -36,9 +34,11 @@ class MemfdSlab:
     """A slab the daemon owns: writable until :meth:`seal`, then immutable for everyone."""
 
     kind = KIND
+    read_only = True  # the seals make every shared mapping read-only
 
     def __init__(self, label: str, nbytes: int, token: str, fd: int | None = None) -> None:
         self.label, self.nbytes, self.token = label, nbytes, token
+        self.size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         self._writer: mmap.mmap | None = None
         if fd is not None:  # adopted from systemd's fd store
             self.fd = fd
@@ -53,26 +53,17 @@ class MemfdSlab:
             os.close(self.fd)
             raise
 
-    @property
-    def flat(self) -> torch.Tensor:
+    def writable(self) -> torch.Tensor:
         """The whole slab as one writable uint8 tensor, for filling it (before :meth:`seal`)."""
+        import torch
+
         if self._writer is None:
             raise WandError(f"slab {self.label} is sealed")
         return torch.frombuffer(self._writer, dtype=torch.uint8)
 
-    def fill(
-        self,
-        spec: ComponentSpec,
-        rows: list[list],
-        progress: Callable[[int], None],
-        cancelled: Callable[[], bool],
-    ) -> str:
-        """Copy the component's tensors in (CPU loader); the checksum of their CRC-32s."""
-        return manifest.checksum(loader.fill(self.flat, spec, rows, progress, cancelled))
-
     def seal(self) -> None:
         """Done writing: unmap the writing mapping and seal (F_SEAL_WRITE needs every
-        writable mapping gone, so views of :attr:`flat` left in cycles are collected first)."""
+        writable mapping gone, so views of :meth:`writable` left in cycles are collected first)."""
         if self._writer is not None:
             try:
                 self._writer.close()
@@ -150,6 +141,8 @@ def map_fd(handle: dict[str, Any], fd: int, writable: bool) -> torch.Tensor:
 
 
 def _tensor(mm: mmap.mmap) -> torch.Tensor:
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": by design
         return torch.frombuffer(mm, dtype=torch.uint8)

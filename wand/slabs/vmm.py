@@ -6,16 +6,15 @@ read-only: it never writes the slab again. Each attach exports a fresh descripto
 (``cuMemExportToShareableHandle``), handed over the fd socket; the client imports it,
 reserves an address range, maps it and sets access read-only
 (``CU_MEM_ACCESS_FLAGS_PROT_READ``; where the driver refuses that, read-write, and the slab
-says so). The driver frees the memory when the last handle, descriptor and mapping are gone,
-whoever holds them — a client, the daemon, systemd's fd store — so nothing is freed under a
-mapping and a client never depends on the daemon once attached.
+says so). When the memory goes, and in which order a client tears its mapping down:
+``LIFETIME.md`` in this folder.
 
 A :class:`Mapping` is one address range over one allocation. Its users count it explicitly
 (:meth:`Mapping.pin` gives a tensor over it; the tensor's death unpins), under a lock; the
 last unpin hands it to a reaper thread that waits for the device and unmaps it. So nothing
 a weak reference can still hand out is torn down, and no tensor deleter synchronises the
-device. Only :meth:`Mapping.pin` and :meth:`VmmSlab.fill` touch torch; the rest is driver
-calls, which the fake driver in the tests checks.
+device. Only :meth:`Mapping.pin` touches torch; the rest is driver calls (logged at debug
+level, :mod:`wand.slabs.cuda`), which the fake driver in the tests checks.
 """
 
 from __future__ import annotations
@@ -25,15 +24,14 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from wand import cuda, manifest, placement, staging
-from wand.errors import DeviceError, ProtocolError, WandError
-from wand.placement import Device
-from wand.spec import ComponentSpec
+from wand.common import placement, views
+from wand.common.errors import DeviceError, ProtocolError, WandError
+from wand.common.placement import Device
+from wand.slabs import cuda
 
 log = logging.getLogger("wand.slabs.vmm")
 KIND = "vmm"
@@ -46,8 +44,8 @@ _reaper: threading.Thread | None = None
 class Mapping:
     """An address range on GPU ``index`` mapped to an allocation ``handle`` of ``size``."""
 
-    def __init__(self, index: int, handle: int, size: int, read_only: bool) -> None:
-        self.index, self.handle, self.size = index, handle, size
+    def __init__(self, index: int, handle: int, size: int, read_only: bool, what: str = "") -> None:
+        self.index, self.handle, self.size, self.what = index, handle, size, what
         self.ptr = 0
         self.read_only = False
         self.token: str | None = None  # set while this process's cache hands it out
@@ -55,10 +53,10 @@ class Mapping:
         self._closed = False
         mapped = False
         try:
-            self.ptr = cuda.reserve(index, size)
-            cuda.map_range(index, self.ptr, size, handle)
+            self.ptr = cuda.reserve(index, size, what)
+            cuda.map_range(index, self.ptr, size, handle, what)
             mapped = True
-            self.read_only = _set_access(index, self.ptr, size, read_only)
+            self.read_only = _set_access(self, read_only)
         except BaseException:
             self.handle = 0  # the caller still owns the handle: it releases it
             self._teardown(mapped)
@@ -95,11 +93,11 @@ class Mapping:
         ptr, self.ptr = self.ptr, 0
         if ptr:
             if mapped:
-                cuda.unmap(self.index, ptr, self.size)
-            cuda.free_address(self.index, ptr, self.size)
+                cuda.unmap(self.index, ptr, self.size, self.what)
+            cuda.free_address(self.index, ptr, self.size, self.what)
         handle, self.handle = self.handle, 0
         if handle:
-            cuda.release(self.index, handle)
+            cuda.release(self.index, handle, self.what)
 
 
 class _Pin:
@@ -150,15 +148,15 @@ def _reap_forever() -> None:
             log.warning("unmapping a GPU slab failed: %s", e)
 
 
-def _set_access(index: int, ptr: int, size: int, read_only: bool) -> bool:
+def _set_access(m: Mapping, read_only: bool) -> bool:
     """Set access; a read-only request the driver refuses falls back to read-write (False)."""
     if read_only:
         try:
-            cuda.set_access(index, ptr, size, read_only=True)
+            cuda.set_access(m.index, m.ptr, m.size, True, m.what)
             return True
         except DeviceError as e:
             log.warning("driver refused a read-only mapping (%s): mapping read-write", e)
-    cuda.set_access(index, ptr, size, read_only=False)
+    cuda.set_access(m.index, m.ptr, m.size, False, m.what)
     return False
 
 
@@ -176,34 +174,26 @@ class VmmSlab:
         index = device.index
         cuda.require_vmm(index)
         self.size = cuda.rounded(nbytes, index)
-        handle = cuda.create(index, self.size) if fd is None else cuda.import_fd(index, fd)
+        if fd is None:
+            handle = cuda.create(index, self.size, label)
+        else:
+            handle = cuda.import_fd(index, fd, label)
         try:
-            self.mapping = Mapping(index, handle, self.size, read_only=fd is not None)
+            self.mapping = Mapping(index, handle, self.size, fd is not None, label)
         except BaseException:
-            cuda.release(index, handle)  # the constructor failed: nothing may leak
+            cuda.release(index, handle, label)  # the constructor failed: nothing may leak
             raise
         self.read_only = self.mapping.read_only  # what clients get: known at seal, adoption
 
-    def fill(
-        self,
-        spec: ComponentSpec,
-        rows: list[list],
-        progress: Callable[[int], None],
-        cancelled: Callable[[], bool],
-    ) -> str:
-        """Copy the component in through pinned staging (casts on the GPU); the checksum of
-        its on-device sum64 digests."""
-        flat = self.mapping.pin(self.nbytes)
-        staging.fill(flat, spec, rows, progress, cancelled=cancelled)
-        digests = manifest.digests(flat, {"tensors": rows, "aliases": {}}, "sum64")
-        torch.cuda.empty_cache()  # staging scratch and digest temporaries go back
-        return manifest.checksum(digests, "sum64")
+    def writable(self) -> torch.Tensor:
+        """The whole slab as one uint8 tensor on its GPU, for filling it (before :meth:`seal`)."""
+        return self.mapping.pin(self.nbytes)
 
     def seal(self) -> None:
         """Every copy is done; from now on the daemon's own mapping is read-only too."""
         m = self.mapping
         cuda.synchronize(m.index)
-        self.read_only = _set_access(m.index, m.ptr, m.size, read_only=True)
+        self.read_only = _set_access(m, read_only=True)
         if not self.read_only:
             log.warning("%s: clients of this slab map it read-write", self.label)
 
@@ -215,13 +205,14 @@ class VmmSlab:
             "size": self.size,
             "token": self.token,
             "read_only": self.read_only,
+            "label": self.label,  # names the slab in clients' debug logs of driver calls
         }
 
     def export(self) -> int:
-        return cuda.export(self.mapping.index, self.mapping.handle)
+        return cuda.export(self.mapping.index, self.mapping.handle, self.label)
 
     def verify(self, man: dict[str, Any]) -> bool:
-        return manifest.verify(self.mapping.pin(self.nbytes), man)
+        return views.verify(self.mapping.pin(self.nbytes), man)
 
     def close(self) -> None:
         self.mapping.close()
@@ -261,7 +252,8 @@ def map_fd(handle: dict[str, Any], fd: int, writable: bool) -> torch.Tensor:
         raise ProtocolError(f"malformed vmm handle: {type(e).__name__}: {e}") from None
     index = _device(handle).index
     torch.cuda.init()  # the primary context is PyTorch's, and ours
-    mapping = Mapping(index, cuda.import_fd(index, fd), size, read_only=True)
+    what = str(handle.get("label") or token[:8])
+    mapping = Mapping(index, cuda.import_fd(index, fd, what), size, True, what)
     if writable:
         try:
             copy = mapping.pin(nbytes).clone()

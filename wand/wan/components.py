@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
-from wand.errors import CheckpointError
-from wand.modules import skeleton
-from wand.spec import ComponentSpec, TensorSpec
+from wand.common.dtypes import name_of, torch_dtype
+from wand.common.errors import CheckpointError
+from wand.common.spec import ComponentSpec, TensorSpec
 from wand.wan.dtypes import resident_dtype
+from wand.wan.modules import skeleton
 from wand.wan.sources import Source
 
 MAX_LISTED = 5
@@ -22,7 +23,7 @@ def component_spec(
     config: dict[str, Any],
     source: Source,
     to_key: Callable[[str], str],
-    dtype: torch.dtype,
+    dtype: str,
 ) -> ComponentSpec:
     """The spec of component ``name``: every state-dict entry of ``cls(config)`` found in
     ``source`` under ``to_key(entry)``, with the right shape, and nothing left over.
@@ -61,7 +62,7 @@ def component_spec(
                 f"{names[0]} needs {kind} values ({like.dtype})"
             )
             continue
-        resident = resident_dtype(cls, module, names[0], info.dtype, dtype)
+        resident = name_of(resident_dtype(cls, module, names[0], info.dtype, torch_dtype(dtype)))
         tensors.append(
             TensorSpec(names[0], source.file(key), key, want, resident, tuple(names[1:]))
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from wand.errors import CheckpointError
+from wand.common.errors import CheckpointError
 from wand.wan.latents import LATENTS
 from wand.wan.sources import Source
 

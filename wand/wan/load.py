@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from wand.spec import ComponentSpec
-from wand.tensorfile import TensorFile
+from wand.common.dtypes import torch_dtype
+from wand.common.spec import ComponentSpec
+from wand.load.tensorfile import TensorFile
 
 
 def load_state_dict(component: ComponentSpec) -> dict[str, torch.Tensor]:
@@ -19,7 +20,7 @@ def load_state_dict(component: ComponentSpec) -> dict[str, torch.Tensor]:
         f = files.get(str(spec.file))
         if f is None:  # one TensorFile per file, not per tensor
             f = files[str(spec.file)] = TensorFile(spec.file)
-        tensor = f.read(spec.key).to(spec.dtype).reshape(spec.shape)
+        tensor = f.read(spec.key).to(torch_dtype(spec.dtype)).reshape(spec.shape)
         for name in (spec.name, *spec.aliases):
             state[name] = tensor
     return state

@@ -10,15 +10,27 @@ layer of this checkpoint is refused before the daemon holds it.
 
 from __future__ import annotations
 
-from wand.config import LoraConfig
-from wand.errors import CheckpointError, WandError
-from wand.modules import skeleton
-from wand.spec import LORA_CLASS, LORA_PREFIX, CheckpointSpec, ComponentSpec, TensorSpec
-from wand.tensorfile import TensorFile
+from pathlib import Path
+from typing import Protocol
+
+from wand.common.dtypes import name_of
+from wand.common.errors import CheckpointError, LoraError, WandError
+from wand.common.spec import LORA_CLASS, LORA_PREFIX, CheckpointSpec, ComponentSpec, TensorSpec
+from wand.load.tensorfile import TensorFile
+from wand.wan.lora_keys import EXPERTS, check, describe, read
+from wand.wan.modules import skeleton
 from wand.wan.tasks import TASKS
 
 
-def read_lora(entry: LoraConfig, spec: CheckpointSpec) -> ComponentSpec:
+class LoraEntry(Protocol):
+    """What names a LoRA to hold (the daemon's ``LoraConfig``)."""
+
+    name: str
+    path: Path
+    expert: str  # "high", "low" or "both"
+
+
+def read_lora(entry: LoraEntry, spec: CheckpointSpec) -> ComponentSpec:
     """The component of ``entry``'s LoRA file for checkpoint ``spec`` (raises
     CheckpointError naming the file when it is unreadable or fits no expert)."""
     if not entry.path.name.endswith(".safetensors"):
@@ -27,14 +39,15 @@ def read_lora(entry: LoraConfig, spec: CheckpointSpec) -> ComponentSpec:
     if not f.keys():
         raise CheckpointError(f"{entry.path}: holds no tensors")
     _check_fits(entry, spec)
-    tensors = [TensorSpec(k, f.path, k, f.info(k).shape, f.info(k).dtype) for k in f.keys()]
+    tensors = [
+        TensorSpec(k, f.path, k, f.info(k).shape, name_of(f.info(k).dtype)) for k in f.keys()
+    ]
     config = {"expert": entry.expert, "metadata": f.metadata, "file": str(entry.path)}
     return ComponentSpec(LORA_PREFIX + entry.name, LORA_CLASS, config, tensors)
 
 
-def _check_fits(entry: LoraConfig, spec: CheckpointSpec) -> None:
+def _check_fits(entry: LoraEntry, spec: CheckpointSpec) -> None:
     """diffusers' reading of the file, checked against the experts it goes into."""
-    from wand.lora import EXPERTS, LoraError, check, describe, read
 
     experts = TASKS[spec.task].experts
     if entry.expert != "high" and len(experts) == 1:

@@ -10,11 +10,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from wand.errors import CheckpointError
-from wand.files import is_dir, is_file, read_small, reason
-from wand.spec import CheckpointSpec, ComponentSpec
+from wand.common.errors import CheckpointError
+from wand.common.spec import CheckpointSpec, ComponentSpec
+from wand.load.files import is_dir, is_file, read_small, reason
 from wand.wan import configs, original_names
 from wand.wan.components import component_spec
 from wand.wan.sources import open_file, open_index, open_weights
@@ -37,7 +35,7 @@ from wand.wan.tasks import (
 def read_checkpoint(
     path: str | Path,
     task: str | None = None,
-    dtypes: Mapping[str, torch.dtype] | None = None,
+    dtypes: Mapping[str, str] | None = None,
 ) -> CheckpointSpec:
     """Describe every resident tensor of the checkpoint at ``path``.
 
@@ -123,7 +121,7 @@ def _detect_diffusers(root: Path) -> str:
 # ---- original layout ----------------------------------------------------------------------
 
 
-def _read_original(root: Path, info: Task, dtypes: dict[str, torch.dtype]):
+def _read_original(root: Path, info: Task, dtypes: dict[str, str]):
     components: dict[str, ComponentSpec] = {}
     t5 = open_file(root / T5_FILE)
     components["text_encoder"] = component_spec(
@@ -165,7 +163,7 @@ def _scheduler_defaults() -> dict[str, Any]:
 # ---- diffusers layout ---------------------------------------------------------------------
 
 
-def _read_diffusers(root: Path, info: Task, dtypes: dict[str, torch.dtype]):
+def _read_diffusers(root: Path, info: Task, dtypes: dict[str, str]):
     index = _json(root / "model_index.json")
     components: dict[str, ComponentSpec] = {}
     folder = root / "text_encoder"
@@ -188,9 +186,7 @@ def _read_diffusers(root: Path, info: Task, dtypes: dict[str, torch.dtype]):
     return components, _tokenizer(root / "tokenizer"), extras
 
 
-def _diffusers_component(
-    name: str, cls: str, folder: Path, stem: str, dtype: torch.dtype
-) -> ComponentSpec:
+def _diffusers_component(name: str, cls: str, folder: Path, stem: str, dtype: str) -> ComponentSpec:
     config = {k: v for k, v in _json(folder / "config.json").items() if not k.startswith("_")}
     source = open_weights(folder, f"{stem}.safetensors.index.json", f"{stem}.safetensors")
     return component_spec(name, cls, config, source, lambda n: n, dtype)

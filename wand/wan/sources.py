@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from wand.errors import CheckpointError
-from wand.files import is_file, read_small
-from wand.tensorfile import TensorFile, TensorInfo
+from wand.common.errors import CheckpointError
+from wand.load.files import is_file, read_small
+from wand.load.tensorfile import TensorFile, TensorInfo
 
 
 class Source:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 LAYOUTS = ("original", "diffusers")
 DIFFUSERS_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")  # model_index _class_name
 
@@ -71,12 +69,12 @@ DIFFUSERS_EXPERT_DIRS = {
 }
 
 # what Wan2.2 runs each component in (and what from_pretrained(torch_dtype=...) gives)
-DEFAULT_DTYPES: dict[str, torch.dtype] = {
-    "text_encoder": torch.bfloat16,
-    "vae": torch.float32,
-    "high_noise_model": torch.bfloat16,
-    "low_noise_model": torch.bfloat16,
-    "model": torch.bfloat16,
+DEFAULT_DTYPES: dict[str, str] = {
+    "text_encoder": "bfloat16",
+    "vae": "float32",
+    "high_noise_model": "bfloat16",
+    "low_noise_model": "bfloat16",
+    "model": "bfloat16",
 }
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from wand.modules import skeleton
 from wand.wan import original_names
 from wand.wan.latents import LATENTS
+from wand.wan.modules import skeleton
 from wand.wan.tasks import (
     DIFFUSERS_EXPERT_DIRS,
     LAYOUTS,

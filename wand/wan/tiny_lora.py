@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from wand.modules import skeleton
 from wand.wan import original_names
+from wand.wan.modules import skeleton
 from wand.wan.reader import read_checkpoint
 from wand.wan.tasks import TASKS, TRANSFORMER
 from wand.wan.tiny import PRESETS, transformer_config

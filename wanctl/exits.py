@@ -1,0 +1,6 @@
+"""``wanctl``'s exit codes (the README lists them; scripts depend on them)."""
+
+OK = 0  # done
+ERROR = 1  # the daemon answered with an error, or the command failed
+USAGE = 2  # a bad option or argument, refused before anything was done
+UNREACHABLE = 3  # no daemon answered where wanctl looked (it says where)

@@ -1,0 +1,1 @@
+"""The client library: connection, modules, pipelines, LoRAs on pipelines."""

@@ -1,0 +1,253 @@
+"""diffusers Wan pipelines assembled from attached components, sampling like the Wan2.2 release.
+
+The pipeline objects are diffusers' own (``WanPipeline``, ``WanImageToVideoPipeline``); the
+:class:`VideoPipeline` around them fills in the original release's per-task defaults, keeps
+the text embeddings of recent prompts, and times the phases of each call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from wand.client.lora import LoraMixin, ResidentLora, SharedViews
+from wand.common.errors import WandError
+from wand.wan.sampling import NEGATIVE_PROMPT, SAMPLING, Sampling
+from wand.wan.tasks import TASKS
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+EMBEDDING_CACHE = 8  # (prompt, negative prompt, length) entries kept per pipeline
+
+
+def pick(checkpoints: list[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
+    """The loaded checkpoint called ``name``, or the only one loaded."""
+    if name is not None:
+        found = [c for c in checkpoints if c["name"] == name]
+        if not found:
+            loaded = ", ".join(c["name"] for c in checkpoints) or "none"
+            raise WandError(f"no checkpoint {name!r} is loaded; loaded: {loaded}", "bad_args")
+        return found[0]
+    if len(checkpoints) != 1:
+        loaded = ", ".join(c["name"] for c in checkpoints)
+        raise WandError(
+            f"several checkpoints are loaded ({loaded}); say which with checkpoint=NAME"
+            if checkpoints
+            else "the daemon holds no checkpoint (load one with wanctl load PATH)",
+            "bad_args",
+        )
+    return checkpoints[0]
+
+
+def image_modes(extras: dict[str, Any]) -> tuple[bool, bool]:
+    """(can generate from text alone, can start from an image) for a checkpoint's extras:
+    i2v-A14B needs an image, ti2v-5B (``expand_timesteps``) takes one optionally."""
+    image_only = extras["pipeline"] == "WanImageToVideoPipeline"
+    return not image_only, image_only or bool(extras["expand_timesteps"])
+
+
+def fit_area(image_size: tuple[int, int], area: int, multiple: int) -> tuple[int, int]:
+    """(width, height) of about ``area`` pixels with the image's aspect ratio, each rounded
+    down to ``multiple``: how Wan2.2 sizes image-to-video output (``--size`` is an area)."""
+    w, h = image_size
+    width = int(math.sqrt(area * w / h)) // multiple * multiple
+    height = int(math.sqrt(area * h / w)) // multiple * multiple
+    return max(width, multiple), max(height, multiple)
+
+
+class Modules(Protocol):
+    """What a pipeline needs of a connection (:class:`wand.client.connection.Client`)."""
+
+    def checkpoints(self) -> list[dict[str, Any]]: ...
+
+    def module(self, name: str, writable: bool = False) -> torch.nn.Module: ...
+
+    def lora(self, name: str) -> ResidentLora: ...
+
+
+def build(client: Modules, checkpoint: str | None = None, **overrides: Any) -> VideoPipeline:
+    """The pipeline for a loaded checkpoint, every module bound to the daemon's memory.
+
+    ``overrides`` replace constructor arguments of the diffusers pipeline (``scheduler``,
+    ``boundary_ratio``, a component...).
+    """
+    from diffusers import UniPCMultistepScheduler
+    from transformers import AutoTokenizer
+
+    info = pick(client.checkpoints(), checkpoint)
+    task, extras = info["task"], info["extras"]
+    if info["tokenizer"] is None:
+        raise WandError(f"checkpoint {info['name']} has no tokenizer folder", "bad_args")
+    sampling = SAMPLING[task]
+    experts = [client.module(info["components"][e]) for e in TASKS[task].experts]
+    parts = {
+        "tokenizer": AutoTokenizer.from_pretrained(info["tokenizer"]),
+        "text_encoder": client.module(info["components"]["text_encoder"]),
+        "vae": client.module(info["components"]["vae"]),
+        # the release's shift for every layout: -Diffusers folders say 3.0 for both A14B
+        "scheduler": UniPCMultistepScheduler.from_config(
+            extras["scheduler"], flow_shift=sampling.shift
+        ),
+        "transformer": experts[0],
+        "transformer_2": experts[1] if len(experts) > 1 else None,
+        "boundary_ratio": extras["boundary_ratio"],
+        "expand_timesteps": extras["expand_timesteps"],
+        **overrides,
+    }
+    held = info.get("loras", {})
+
+    def resident_lora(name: str) -> ResidentLora | None:
+        return client.lora(held[name]["address"]) if name in held else None
+
+    return VideoPipeline(task, sampling, parts, extras, resident_lora)
+
+
+class VideoPipeline(LoraMixin):
+    """Call it like the diffusers pipeline; arguments left out take the Wan2.2 defaults.
+
+    ``image`` selects image-to-video: required for i2v-A14B, optional for ti2v-5B (whose
+    image path is diffusers' ``WanImageToVideoPipeline`` with ``expand_timesteps``), refused
+    for t2v-A14B. Extra keyword ``flow_shift`` changes the scheduler's shift for this and
+    later calls. After each call :attr:`timings` holds ``prepare`` (text encoding, latents,
+    image encoding), ``denoise`` and ``decode`` seconds, and ``first_step_at`` (epoch time).
+    LoRA methods (``load_lora_weights``, ``fuse_lora``...) are
+    :class:`wand.client.lora.LoraMixin`'s.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        sampling: Sampling,
+        parts: dict[str, Any],
+        extras: dict[str, Any],
+        resident_lora: Callable[[str], ResidentLora | None] = lambda name: None,
+    ) -> None:
+        from diffusers import WanImageToVideoPipeline, WanPipeline
+
+        self.task = task
+        self.sampling = sampling
+        self.timings: dict[str, float] = {}
+        self._embeddings: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._marks: dict[str, float] = {}
+        self._shared = SharedViews()
+        self._resident_lora = resident_lora
+        from_text, from_image = image_modes(extras)
+        self.text_pipe = WanPipeline(**parts) if from_text else None
+        self.image_pipe = (
+            WanImageToVideoPipeline(**parts, image_encoder=None, image_processor=None)
+            if from_image
+            else None
+        )
+        for model in (parts["transformer"], parts["transformer_2"]):
+            if model is not None:
+                model.register_forward_pre_hook(self._on_forward)
+
+    @property
+    def pipe(self):
+        """The diffusers pipeline used without an image (with one, for i2v-A14B)."""
+        return self.text_pipe or self.image_pipe
+
+    def set_progress_bar_config(self, **config: Any) -> None:
+        for pipe in (self.text_pipe, self.image_pipe):
+            if pipe is not None:
+                pipe.set_progress_bar_config(**config)
+
+    def __call__(self, prompt: str | list[str] | None = None, image: Image | None = None, **kw):
+        pipe = self._pipe_for(image)
+        if "flow_shift" in kw:
+            shift = kw.pop("flow_shift")
+            pipe.scheduler = type(pipe.scheduler).from_config(
+                pipe.scheduler.config, flow_shift=shift
+            )
+        self._fill_defaults(pipe, kw, image)
+        if "prompt_embeds" not in kw and prompt is not None:
+            embeds = self.embeddings(
+                prompt, kw.pop("negative_prompt"), kw.get("max_sequence_length", 512)
+            )
+            n = kw.get("num_videos_per_prompt") or 1
+            kw["prompt_embeds"], kw["negative_prompt_embeds"] = (
+                e.repeat_interleave(n, dim=0) for e in embeds
+            )
+            prompt = None
+        kw["callback_on_step_end"] = self._step_end(kw.get("callback_on_step_end"))
+        args = {"image": image} if image is not None else {}
+        self._marks = {"start": time.perf_counter()}
+        out = pipe(prompt=prompt, **args, **kw)
+        self._record(time.perf_counter())
+        return out
+
+    def embeddings(
+        self, prompt: str | list[str], negative_prompt: str | list[str], max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt, negative prompt) embeddings, computed once per distinct triple."""
+        key = (_hashable(prompt), _hashable(negative_prompt), max_sequence_length)
+        if key in self._embeddings:
+            self._embeddings.move_to_end(key)
+            return self._embeddings[key]
+        pipe = self.pipe
+        with torch.no_grad():
+            embeds = pipe.encode_prompt(
+                prompt,
+                negative_prompt,
+                do_classifier_free_guidance=True,
+                max_sequence_length=max_sequence_length,
+                device=pipe._execution_device,
+            )
+        self._embeddings[key] = embeds
+        if len(self._embeddings) > EMBEDDING_CACHE:
+            self._embeddings.popitem(last=False)
+        return embeds
+
+    def _pipe_for(self, image: Image | None):
+        pipe = self.text_pipe if image is None else self.image_pipe
+        if pipe is None:
+            need = "cannot use" if image is not None else "needs"
+            raise ValueError(f"{self.task} {need} an input image")
+        return pipe
+
+    def _fill_defaults(self, pipe, kw: dict[str, Any], image: Image | None) -> None:
+        s = self.sampling
+        kw.setdefault("negative_prompt", NEGATIVE_PROMPT)
+        kw.setdefault("num_inference_steps", s.steps)
+        kw.setdefault("num_frames", s.frames)
+        if "guidance_scale" not in kw:
+            kw["guidance_scale"] = s.guidance[0]
+            if pipe.config.boundary_ratio is not None:
+                kw.setdefault("guidance_scale_2", s.guidance[-1])
+        if "height" not in kw and "width" not in kw:
+            width, height = s.size
+            if image is not None:
+                width, height = fit_area(image.size, width * height, s.multiple)
+            kw.update(width=width, height=height)
+
+    def _on_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if "first_step" not in self._marks:
+            self._marks["first_step"] = time.perf_counter()
+            self._marks["first_step_at"] = time.time()
+
+    def _step_end(self, user: Callable | None) -> Callable:
+        def step_end(pipe, i: int, t: torch.Tensor, tensors: dict[str, Any]) -> dict[str, Any]:
+            self._marks["denoised"] = time.perf_counter()
+            return user(pipe, i, t, tensors) if user is not None else {}
+
+        return step_end
+
+    def _record(self, end: float) -> None:
+        m = self._marks
+        self.timings = {
+            "prepare": m["first_step"] - m["start"],
+            "denoise": m["denoised"] - m["first_step"],
+            "decode": end - m["denoised"],
+            "first_step_at": m["first_step_at"],
+        }
+
+
+def _hashable(prompt: str | list[str]) -> str | tuple[str, ...]:
+    return prompt if isinstance(prompt, str) else tuple(prompt)

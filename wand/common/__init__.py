@@ -1,0 +1,1 @@
+"""What both sides speak: errors, specs, manifests, dtypes, placement, protocol, fd socket."""

@@ -1,0 +1,3 @@
+from wand.daemon.main import run
+
+run()

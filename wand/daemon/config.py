@@ -1,0 +1,245 @@
+"""The daemon's configuration: one TOML file, overridden by command-line flags.
+
+```toml
+endpoint = "ipc:///run/wand/wand.sock"      # optional
+[[checkpoint]]
+name = "t2v"                                # optional, default: the task
+path = "/srv/Wan2.2-T2V-A14B"
+task = "t2v-A14B"                           # optional, detected from the folder
+device = "cpu"                              # "cuda", "cuda:N", or per component:
+                                            # { "*" = "cuda:0", text_encoder = "cpu" }
+dtype = "bfloat16"                          # or { "*" = "bfloat16", vae = "float32" }
+```
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from wand.common import dtypes, placement
+from wand.common.errors import WandError
+from wand.load.files import is_file, read_small
+
+SYSTEM_CONFIG = Path("/etc/wand/wand.toml")
+TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
+CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype", "lora"}
+LORA_KEYS = {"name", "path", "expert"}
+LORA_EXPERTS = ("high", "low", "both")
+MAX_PATH, MAX_NAME = 4096, 64
+
+
+class ConfigError(WandError):
+    code = "config"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """A LoRA the daemon holds for a checkpoint: ``expert`` is where it goes by default."""
+
+    name: str
+    path: Path
+    expert: str = "high"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    path: Path
+    name: str | None = None
+    task: str | None = None
+    device: dict[str, str] = field(default_factory=lambda: {"*": "cpu"})
+    dtype: dict[str, str] = field(default_factory=dict)
+    loras: tuple[LoraConfig, ...] = ()
+
+    def dtypes(self) -> dict[str, str]:
+        """Resident dtype names by component (``"*"``: every other one), canonical."""
+        return {k: _dtype(v) for k, v in self.dtype.items()}
+
+    def device_for(self, component: str) -> str:
+        """Where ``component`` lives: its own entry, else ``"*"``, else the CPU."""
+        return self.device.get(component, self.device.get("*", "cpu"))
+
+
+@dataclass(frozen=True)
+class Config:
+    checkpoints: tuple[CheckpointConfig, ...] = ()
+    endpoint: str | None = None
+    source: Path | None = None  # the file it was read from
+
+
+def default_path() -> Path:
+    if os.geteuid() == 0:
+        return SYSTEM_CONFIG
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "wand" / "wand.toml"
+
+
+def load(path: Path | None) -> Config:
+    """Read ``path`` (required to exist), or the default file if there is one."""
+    if path is None:
+        path = default_path()
+        if not is_file(path):
+            return Config()
+    try:
+        data = tomllib.loads(read_small(path, ConfigError).decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return parse(data, Path(path))
+
+
+def parse(data: dict[str, Any], source: Path | None = None) -> Config:
+    where = str(source or "configuration")
+    unknown = set(data) - {"endpoint", "checkpoint"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
+    endpoint = data.get("endpoint")
+    if endpoint is not None and not isinstance(endpoint, str):
+        raise ConfigError(f"{where}: endpoint must be a string")
+    entries = data.get("checkpoint", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: use [[checkpoint]] tables for checkpoints")
+    checkpoints = tuple(
+        checkpoint(e, f"{where}: checkpoint {i + 1}") for i, e in enumerate(entries)
+    )
+    _unique_names(checkpoints, where)
+    return Config(checkpoints, endpoint, source)
+
+
+def checkpoint(entry: dict[str, Any], where: str) -> CheckpointConfig:
+    """One checkpoint from a config table or from the equivalent protocol arguments."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = {str(k)[:60] for k in entry} - CHECKPOINT_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    path = entry.get("path")
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH or "\0" in path:
+        raise ConfigError(
+            f"{where}: 'path' (the checkpoint folder) is required: a string of at most "
+            f"{MAX_PATH} characters"
+        )
+    name, task = entry.get("name"), entry.get("task")
+    if name is not None and (
+        not isinstance(name, str) or not name or "/" in name or len(name) > MAX_NAME
+    ):
+        raise ConfigError(
+            f"{where}: name must be a non-empty string without '/', at most {MAX_NAME} characters"
+        )
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"{where}: task must be one of {', '.join(TASKS)}")
+    device = _placements(entry.get("device", "cpu"), where)
+    dtype = _dtype_names(entry.get("dtype", {}), where)
+    items = entry.get("lora", [])
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: lora must be a list of tables (name, path, expert)")
+    loras = tuple(lora(x, f"{where}: lora {i + 1}") for i, x in enumerate(items))
+    names = [x.name for x in loras]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: two LoRAs have the same name")
+    return CheckpointConfig(Path(path), name, task, device, dtype, loras)
+
+
+def lora(entry: Any, where: str) -> LoraConfig:
+    """One LoRA from a config table or from ``load_lora``'s arguments."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a table (name, path, expert)")
+    unknown = {str(k)[:60] for k in entry} - LORA_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    name, path, expert = entry.get("name"), entry.get("path"), entry.get("expert", "high")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or set("/:\0") & set(name):
+        raise ConfigError(
+            f"{where}: name must be a non-empty string without '/' or ':', at most "
+            f"{MAX_NAME} characters"
+        )
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH or "\0" in path:
+        raise ConfigError(f"{where}: 'path' (the LoRA file) is required")
+    if expert not in LORA_EXPERTS:
+        raise ConfigError(f"{where}: expert must be one of {', '.join(LORA_EXPERTS)}")
+    return LoraConfig(name, Path(path), expert)
+
+
+def with_overrides(config: Config, **flags: Any) -> Config:
+    """Command-line flags win: ``checkpoint`` replaces the file's checkpoints, ``device`` and
+    ``dtype`` apply to every checkpoint, ``endpoint`` replaces the endpoint."""
+    checkpoints = config.checkpoints
+    if flags.get("checkpoint"):
+        checkpoints = (
+            checkpoint(
+                {
+                    "path": str(flags["checkpoint"]),
+                    "name": flags.get("name"),
+                    "task": flags.get("task"),
+                },
+                "--checkpoint",
+            ),
+        )
+    changes: dict[str, Any] = {}
+    if flags.get("device"):
+        changes["device"] = _placements(flags["device"], "--device")
+    if flags.get("dtype"):
+        changes["dtype"] = _dtype_names(flags["dtype"], "--dtype")
+    checkpoints = tuple(replace(c, **changes) for c in checkpoints)
+    _unique_names(checkpoints, "command line")
+    return replace(
+        config, checkpoints=checkpoints, endpoint=flags.get("endpoint") or config.endpoint
+    )
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """``["cuda:0", "text_encoder=cpu"]`` → ``{"*": "cuda:0", "text_encoder": "cpu"}``."""
+    out = {}
+    for item in items:
+        target, _, value = item.rpartition("=")
+        out[target or "*"] = value
+    return out
+
+
+def _placements(value: Any, where: str) -> dict[str, str]:
+    devices = _per_component(value, where, "device")
+    for name in devices.values():
+        _check_device(name, where)
+    return devices
+
+
+def _dtype_names(value: Any, where: str) -> dict[str, str]:
+    dtypes = _per_component(value, where, "dtype")
+    for name in dtypes.values():
+        _dtype(name, where)
+    return dtypes
+
+
+def _per_component(value: Any, where: str, what: str) -> dict[str, str]:
+    if isinstance(value, str):
+        return {"*": value}
+    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+        return dict(value)
+    raise ConfigError(f"{where}: {what} must be a string or a table of strings")
+
+
+def _check_device(value: str, where: str) -> None:
+    """The form only; whether the GPU exists is checked where it is used (the daemon)."""
+    try:
+        placement.parse(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _dtype(name: str, where: str = "dtype") -> str:
+    try:
+        found = dtypes.canonical(name)
+    except ValueError:
+        found = None
+    if found is None or not dtypes.is_floating(found):
+        raise ConfigError(f"{where}: {name[:60]!r} is not a floating-point dtype")
+    return found
+
+
+def _unique_names(checkpoints: tuple[CheckpointConfig, ...], where: str) -> None:
+    names = [c.name for c in checkpoints if c.name]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"{where}: two checkpoints are named {sorted(dup)[0]!r}")
