@@ -120,8 +120,13 @@ def closure(start: str, top_only: bool = False) -> set[str]:
 
 
 def side(module: str) -> str:
+    """``wanctl``, a folder of ``wand`` (``daemon``, ``client``…), or ``wand`` for the
+    package's own modules (its face: ``wand``, ``wand.run``)."""
     parts = module.split(".")
-    return parts[0] if parts[0] == "wanctl" or len(parts) == 1 else parts[1]
+    if parts[0] == "wanctl":
+        return "wanctl"
+    folder = len(parts) > 1 and (ROOT / "wand" / parts[1]).is_dir()
+    return parts[1] if folder else "wand"
 
 
 def _in(module: str, *sides: str) -> bool:

@@ -11,12 +11,14 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from wanctl import exits, generate, manage, units
+from wanctl import exits, generate, manage, run, units
 from wand.common.errors import ConnectError, WandError
+from wand.common.process import started_at
 from wand.common.spec import LORA_CLASS
 from wand.common.version import __version__
 from wand.daemon.config import TASKS
@@ -116,12 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     units.add_parser(sub, common)
     manage.add_parsers(sub, common)
+    run.add_parsers(sub, common)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    entered = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, script = run.split(argv)
+    args = build_parser().parse_args(ours)
+    args.argv, args.script, args.started, args.main = argv, script, started_at(), entered
     try:
+        if args.command == "generate" and (code := run.through_warm(args)) is not None:
+            return code
         return COMMANDS[args.command](args)
     except ConnectError as e:
         print(f"wanctl: {e}", file=sys.stderr)
@@ -158,7 +167,6 @@ def _render(name: str) -> Callable[[Any], str]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    import time
 
     from wand.client.connection import Client
     from wand.wan.modules import resolve_class
@@ -246,4 +254,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "load-lora": manage.load_lora,
     "unload-lora": manage.unload_lora,
     "logs": manage.logs,
+    "run": run.run,
+    "warm": run.warm,
 }

@@ -42,6 +42,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="the loaded checkpoint to use when the daemon holds several (see wanctl status)",
     )
     p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--plain", action="store_true", help="run in this process, not in the warm client"
+    )
     p.add_argument("--negative-prompt", help="default: Wan2.2's (Chinese) negative prompt")
     p.add_argument("--image", type=Path, help="first frame: required for i2v, optional for ti2v")
     p.add_argument(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from wand import slabs
+from wand.client import prebuilt
 from wand.common import fdsocket, protocol
 from wand.common.endpoint import describe, resolve, socket_path
 from wand.common.errors import ConnectError, DaemonError, WandError
@@ -112,12 +113,15 @@ class Client:
         it is this attachment's own copy-on-write mapping: writes go to private pages (on a
         GPU, a private device copy), never to the bytes other clients see.
         """
-        reply = self._attach_request(name, writable)
+        return self._attachment(self._attach_request(name, writable), writable)
+
+    def _attachment(self, reply: dict[str, Any], writable: bool) -> Attachment:
         handle, man = reply["handle"], reply["manifest"]
         flat = self._map(handle, writable)
         from wand.common import views  # torch: with the first attach, not with the import
 
-        return Attachment(man["name"], man, flat, views.views(flat, man), writable)
+        tensors = views.views(flat, man)
+        return Attachment(man["name"], man, flat, tensors, writable, str(handle["token"]))
 
     def attach(self, name: str, writable: bool = False) -> dict[str, torch.Tensor]:
         """``{state-dict name: tensor}``: views of the daemon's memory, no copy (read-only
@@ -125,8 +129,11 @@ class Client:
         return self.attachment(name, writable).tensors
 
     def module(self, name: str, writable: bool = False) -> torch.nn.Module:
-        """The component's diffusers/transformers module, every weight bound to the slab."""
-        return self.attachment(name, writable).module()
+        """The component's diffusers/transformers module, every weight bound to the slab
+        (built ahead when this process was started by ``wanctl run``)."""
+        reply = self._attach_request(name, writable)
+        built = None if writable else prebuilt.take(str(reply["handle"]["token"]))
+        return built if built is not None else self._attachment(reply, writable).module()
 
     def lora(self, name: str) -> ResidentLora:
         """A LoRA the daemon holds (``wanctl load-lora``, or ``lora = [...]`` in the
@@ -217,6 +224,7 @@ class Attachment:
     flat: torch.Tensor  # the whole slab, on its device
     tensors: dict[str, torch.Tensor]
     writable: bool = False
+    slab: str = ""  # the slab's token: names it across daemons and restarts
 
     def module(self) -> torch.nn.Module:
         from wand.wan import modules

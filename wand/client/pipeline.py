@@ -11,6 +11,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -72,6 +73,15 @@ class Modules(Protocol):
     def lora(self, name: str) -> ResidentLora: ...
 
 
+@cache
+def tokenizer(folder: str) -> Any:
+    """The tokenizer in ``folder``, loaded once per process (the warm client loads it ahead;
+    a pipeline changes nothing in it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def build(client: Modules, checkpoint: str | None = None, **overrides: Any) -> VideoPipeline:
     """The pipeline for a loaded checkpoint, every module bound to the daemon's memory.
 
@@ -79,7 +89,6 @@ def build(client: Modules, checkpoint: str | None = None, **overrides: Any) -> V
     ``boundary_ratio``, a component...).
     """
     from diffusers import UniPCMultistepScheduler
-    from transformers import AutoTokenizer
 
     info = pick(client.checkpoints(), checkpoint)
     task, extras = info["task"], info["extras"]
@@ -88,7 +97,7 @@ def build(client: Modules, checkpoint: str | None = None, **overrides: Any) -> V
     sampling = SAMPLING[task]
     experts = [client.module(info["components"][e]) for e in TASKS[task].experts]
     parts = {
-        "tokenizer": AutoTokenizer.from_pretrained(info["tokenizer"]),
+        "tokenizer": tokenizer(info["tokenizer"]),
         "text_encoder": client.module(info["components"]["text_encoder"]),
         "vae": client.module(info["components"]["vae"]),
         # the release's shift for every layout: -Diffusers folders say 3.0 for both A14B

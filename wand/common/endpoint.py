@@ -20,11 +20,16 @@ def default_endpoint(client: bool = False) -> str:
         return explicit
     if os.geteuid() == 0:
         return f"ipc://{SYSTEM_SOCKET}"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/wand-{os.geteuid()}"
-    user = Path(runtime) / "wand" / "wand.sock"
+    user = runtime_dir() / "wand.sock"
     if client and not user.exists() and Path(SYSTEM_SOCKET).exists():
         return f"ipc://{SYSTEM_SOCKET}"
     return f"ipc://{user}"
+
+
+def runtime_dir() -> Path:
+    """This user's folder for wand's sockets: ``$XDG_RUNTIME_DIR/wand``, else
+    ``/tmp/wand-UID/wand``."""
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/wand-{os.geteuid()}") / "wand"
 
 
 def resolve(endpoint: str | None, client: bool = False) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 _own: tuple[int, int] | None = None  # (pid, start) of this process, recomputed after fork
 
@@ -28,6 +29,13 @@ def start_time(pid: int) -> int | None:
         return int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def started_at() -> float:
+    """When this process started, as ``time.time()`` would have said then (to 1/CLK_TCK)."""
+    ticks = start_time(os.getpid()) or 0
+    running = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - running
 
 
 def own_start() -> int:

@@ -82,6 +82,7 @@ class Resident:
             "load_seconds": self.load_seconds,
             "adopted": self.adopted,
             "checksum": self.manifest["checksum"] if self.manifest else None,
+            "slab": self.token,  # this slab across restarts: a warm client's cache compares it
             "error": self.error,
         }
 

@@ -1,0 +1,251 @@
+"""Starting a script in the warm client: the caller's side of ``wanctl run`` and ``wand.run``.
+
+This side imports neither torch nor the model libraries: it finds (or starts) the warm process
+of this user, daemon and Python (:mod:`wand.client.warm`), hands it the script's argv, working
+folder, environment, umask and its own stdin/stdout/stderr (as descriptors), forwards the
+signals it gets to the script's process, and exits with the script's status. The script's
+process is a child of the warm process; it writes straight to the caller's terminal or pipes.
+
+Messages are msgpack maps on a Unix ``SOCK_SEQPACKET`` connection (descriptors ride with them
+as ``SCM_RIGHTS``): the request, then ``{"pid": N}`` with a pidfd of the script's process, then
+``{"exit": CODE}`` or ``{"signal": N}`` — sent by the warm process when it reaps the script, or
+by the script itself as it exits (so a warm process that dies meanwhile loses nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from wand.common.endpoint import resolve, runtime_dir
+from wand.common.version import __version__
+
+PROTOCOL = 1
+MAX_MESSAGE = 1 << 20  # a request: argv and environment
+START_SECONDS = 10.0  # for a new warm process to listen (it imports the libraries after)
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+    signal.SIGCONT,
+)
+
+
+class Unavailable(Exception):
+    """No warm process can run this script; the message says why."""
+
+
+def socket_path(endpoint: str) -> Path:
+    """Where the warm process for ``endpoint`` and this Python listens: one per user (the
+    runtime folder is the user's), daemon, interpreter and library version."""
+    key = [endpoint, sys.executable, os.environ.get("PYTHONPATH", ""), __version__]
+    digest = hashlib.blake2b(json.dumps(key).encode(), digest_size=6).hexdigest()
+    return runtime_dir() / f"warm-{digest}.sock"
+
+
+def connect(endpoint: str | None = None, start: bool = True) -> socket.socket:
+    """A connection to the warm process for ``endpoint``, started first if there is none
+    (raises :class:`Unavailable`)."""
+    path = socket_path(resolve(endpoint, client=True))
+    _private_folder(path.parent)
+    sock = try_connect(path)
+    if sock is not None or not start:
+        if sock is None:
+            raise Unavailable(f"no warm client at {path}")
+        return sock
+    proc = _spawn(resolve(endpoint, client=True), path)
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        sock = try_connect(path)
+        if sock is not None:
+            return sock
+        if proc.poll() not in (None, 0):  # 0: another one took the socket first
+            raise Unavailable(f"the warm client exited at start ({path.with_suffix('.log')})")
+        time.sleep(0.02)
+    raise Unavailable(f"the warm client did not start listening within {START_SECONDS:g} s")
+
+
+def run(sock: socket.socket, argv: list[str], timings: dict[str, float] | None = None) -> int:
+    """Run ``argv`` (``[SCRIPT, ARGS…]``, ``["-m", MODULE, ARGS…]`` or ``["-c", CODE, ARGS…]``)
+    in the warm process behind ``sock``; the script's exit status (a script killed by a
+    signal kills this process with the same signal)."""
+    request = {
+        "v": PROTOCOL,
+        "argv": argv,
+        "cwd": os.getcwd(),
+        "env": dict(os.environ),
+        "umask": _umask(),
+        "timings": timings or {},
+    }
+    data = msgpack.packb(request)
+    if len(data) > MAX_MESSAGE:
+        raise Unavailable(f"the environment and arguments are over {MAX_MESSAGE} bytes")
+    stdio = [_usable(fd) for fd in (0, 1, 2)]
+    try:
+        socket.send_fds(sock, [data], stdio)
+        reply, fds = receive(sock)
+    finally:
+        for fd, own in zip(stdio, (0, 1, 2), strict=True):
+            if fd != own:
+                os.close(fd)
+    if "error" in reply or not fds:
+        raise Unavailable(str(reply.get("error", "no process")))
+    pidfd = fds[0]
+    with _forwarding(pidfd):
+        while True:
+            message, _ = receive(sock)
+            if "exit" in message:
+                return int(message["exit"])
+            if "signal" in message:
+                _die_by(int(message["signal"]))
+            if not message:
+                print(
+                    "wand: the warm client and the script are gone; the script's exit status "
+                    "is unknown",
+                    file=sys.stderr,
+                )
+                return 1
+
+
+def plain(argv: list[str], why: str) -> None:
+    """Run ``argv`` the ordinary way, in place of this process, after saying why (once)."""
+    print(f"wand: {why}; running without the warm client", file=sys.stderr)
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *argv])
+
+
+def _private_folder(folder: Path) -> None:
+    """The runtime folder: created 0700, and refused unless it is this user's alone."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(folder)
+    except OSError as e:
+        raise Unavailable(f"cannot use {folder}: {e.strerror}") from None
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise Unavailable(
+            f"{folder} is not this user's private folder (uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o})"
+        )
+
+
+def try_connect(path: Path) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(path))
+        return sock
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+
+
+def _spawn(endpoint: str, path: Path) -> subprocess.Popen:
+    """Start the warm process in a session of its own; its log is ``<socket>.log``."""
+    with open(path.with_suffix(".log"), "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "wand.client.warm", "--endpoint", endpoint, str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One message and its descriptors; ``{}`` once the connection has ended."""
+    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 4)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return {}, []
+    message = msgpack.unpackb(data)
+    return (message if isinstance(message, dict) else {}), fds
+
+
+def _usable(fd: int) -> int:
+    """``fd`` if it is open, else a descriptor of /dev/null to stand for it."""
+    try:
+        os.fstat(fd)
+        return fd
+    except OSError:
+        return os.open(os.devnull, os.O_RDWR)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class _forwarding:
+    """While active, the signals a terminal or a supervisor sends this process go to the
+    script's process instead (Ctrl-Z stops both; ``fg`` continues both)."""
+
+    def __init__(self, pidfd: int) -> None:
+        self.pidfd = pidfd
+        self.saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _forwarding:
+        for sig in FORWARDED:
+            self.saved[sig] = signal.signal(sig, self._forward)
+        self.saved[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._stop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        os.close(self.pidfd)
+
+    def _forward(self, sig: int, _frame: object) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass  # it has exited: its status is on the way
+
+    def _stop(self, sig: int, frame: object) -> None:
+        self._forward(sig, frame)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _die_by(sig: int) -> None:
+    """Exit as the script did: killed by ``sig`` (without a core file of this process)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)  # a signal that does not kill (it was caught or ignored before)
+
+
+def main(
+    argv: list[str], endpoint: str | None = None, timings: dict[str, float] | None = None
+) -> int:
+    """``wanctl run`` / ``python -m wand.run``: ``argv`` in the warm client, or plainly when
+    there can be none (``WAND_WARM=0`` asks for that)."""
+    if not argv or argv[0] in ("-m", "-c") and len(argv) < 2:
+        raise Unavailable("nothing to run: give SCRIPT [ARGS...], -m MODULE or -c CODE")
+    if os.environ.get("WAND_WARM") == "0":
+        os.execv(sys.executable, [sys.executable, *argv])
+    try:
+        sock = connect(endpoint)
+    except (Unavailable, OSError) as e:
+        plain(argv, str(e))
+    with sock:
+        return run(sock, argv, timings)
