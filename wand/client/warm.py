@@ -75,13 +75,15 @@ class Warm:
 
         self.threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        from wanctl import generate  # noqa: F401  (wanctl generate runs here too)
+        from diffusers.utils import export_to_video  # noqa: F401  (what wanctl generate uses)
+        from PIL import Image  # noqa: F401
+
         from wand.client import pipeline  # noqa: F401  (with diffusers' pipelines)
         from wand.wan.modules import resolve_class
+        from wand.wan.tasks import TEXT_ENCODER, TRANSFORMER, VAE
 
-        for cls in ("diffusers:WanTransformer3DModel", "diffusers:AutoencoderKLWan"):
+        for cls in (TEXT_ENCODER, TRANSFORMER, VAE):
             resolve_class(cls)
-        resolve_class("transformers:UMT5EncoderModel")
         self.refresh()
 
     def refresh(self) -> None:
