@@ -178,7 +178,9 @@ class Server:
             self._listen()
 
     def serve(self, tick: Callable[[], None] = lambda: None) -> None:
-        """Answer requests until stopped; ``tick`` runs at least every 200 ms."""
+        """Answer requests until stopped; ``tick`` runs first (a daemon with every slab
+        adopted is ready at once) and then at least every 200 ms."""
+        tick()
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
