@@ -91,7 +91,17 @@ def test_frames_match_from_pretrained(tiny, served, task, layout, with_image):
     assert np.array_equal(got, expected), f"{task} {layout} image={with_image}"
     if low_noise is not None:
         assert low_noise[0] > 0  # the low-noise expert took part
-    assert set(vp.timings) == {"prepare", "denoise", "decode", "first_step_at"}
+    t = vp.timings
+    assert set(t) == {
+        "prepare",
+        "encode",
+        "latents",
+        "first_step",
+        "denoise",
+        "decode",
+        "first_step_at",
+    }
+    assert 0 < t["encode"] + t["latents"] <= t["prepare"] and 0 < t["first_step"] <= t["denoise"]
 
 
 def test_defaults_are_the_release_ones(served):

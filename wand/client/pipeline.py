@@ -124,8 +124,11 @@ class VideoPipeline(LoraMixin):
     ``image`` selects image-to-video: required for i2v-A14B, optional for ti2v-5B (whose
     image path is diffusers' ``WanImageToVideoPipeline`` with ``expand_timesteps``), refused
     for t2v-A14B. Extra keyword ``flow_shift`` changes the scheduler's shift for this and
-    later calls. After each call :attr:`timings` holds ``prepare`` (text encoding, latents,
-    image encoding), ``denoise`` and ``decode`` seconds, and ``first_step_at`` (epoch time).
+    later calls. After each call :attr:`timings` holds, in seconds, ``prepare`` (from the
+    call to the first denoising step: text encoding, latents, image encoding), within it
+    ``encode`` (the text encoder; 0 for cached prompts) and ``latents``, then ``first_step``
+    (the first step itself), ``denoise`` (every step) and ``decode``, and ``first_step_at``
+    (epoch time the first step began).
     LoRA methods (``load_lora_weights``, ``fuse_lora``...) are
     :class:`wand.client.lora.LoraMixin`'s.
     """
@@ -157,6 +160,9 @@ class VideoPipeline(LoraMixin):
         for model in (parts["transformer"], parts["transformer_2"]):
             if model is not None:
                 model.register_forward_pre_hook(self._on_forward)
+        for pipe in (self.text_pipe, self.image_pipe):
+            if pipe is not None:
+                pipe.prepare_latents = self._timed("latents", pipe.prepare_latents)
 
     @property
     def pipe(self):
@@ -169,6 +175,7 @@ class VideoPipeline(LoraMixin):
                 pipe.set_progress_bar_config(**config)
 
     def __call__(self, prompt: str | list[str] | None = None, image: Image | None = None, **kw):
+        self._marks = {"start": time.perf_counter(), "encode": 0.0, "latents": 0.0}
         pipe = self._pipe_for(image)
         if "flow_shift" in kw:
             shift = kw.pop("flow_shift")
@@ -187,7 +194,6 @@ class VideoPipeline(LoraMixin):
             prompt = None
         kw["callback_on_step_end"] = self._step_end(kw.get("callback_on_step_end"))
         args = {"image": image} if image is not None else {}
-        self._marks = {"start": time.perf_counter()}
         out = pipe(prompt=prompt, **args, **kw)
         self._record(time.perf_counter())
         return out
@@ -201,6 +207,7 @@ class VideoPipeline(LoraMixin):
             self._embeddings.move_to_end(key)
             return self._embeddings[key]
         pipe = self.pipe
+        start = time.perf_counter()
         with torch.no_grad():
             embeds = pipe.encode_prompt(
                 prompt,
@@ -209,6 +216,7 @@ class VideoPipeline(LoraMixin):
                 max_sequence_length=max_sequence_length,
                 device=pipe._execution_device,
             )
+        self._marks["encode"] = time.perf_counter() - start
         self._embeddings[key] = embeds
         if len(self._embeddings) > EMBEDDING_CACHE:
             self._embeddings.popitem(last=False)
@@ -244,14 +252,30 @@ class VideoPipeline(LoraMixin):
     def _step_end(self, user: Callable | None) -> Callable:
         def step_end(pipe, i: int, t: torch.Tensor, tensors: dict[str, Any]) -> dict[str, Any]:
             self._marks["denoised"] = time.perf_counter()
+            self._marks.setdefault("first_step_end", self._marks["denoised"])
             return user(pipe, i, t, tensors) if user is not None else {}
 
         return step_end
+
+    def _timed(self, mark: str, call: Callable) -> Callable:
+        """``call``, adding the seconds it takes to this call's mark ``mark``."""
+
+        def timed(*args: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return call(*args, **kw)
+            finally:
+                self._marks[mark] = self._marks.get(mark, 0.0) + time.perf_counter() - start
+
+        return timed
 
     def _record(self, end: float) -> None:
         m = self._marks
         self.timings = {
             "prepare": m["first_step"] - m["start"],
+            "encode": m["encode"],
+            "latents": m["latents"],
+            "first_step": m["first_step_end"] - m["first_step"],
             "denoise": m["denoised"] - m["first_step"],
             "decode": end - m["denoised"],
             "first_step_at": m["first_step_at"],
