@@ -375,3 +375,29 @@ def test_the_launcher_imports_no_model_library():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
     assert "'torch'" not in out and "'diffusers'" not in out
+
+
+def test_locks_are_new_in_a_forked_child():
+    """A lock another thread held at the fork would be held forever in the child: the client,
+    slab and driver layers make new ones there."""
+    code = """
+import os, threading
+from wand.client import connection
+from wand.slabs import cuda, vmm
+held, release = threading.Event(), threading.Event()
+def hold():
+    with connection._mapping, vmm._lock, cuda._lock:
+        held.set()
+        release.wait()
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    locks = (connection._mapping, vmm._lock, cuda._lock)
+    os._exit(0 if all(lock.acquire(timeout=2) for lock in locks) else 1)
+_, status = os.waitpid(pid, 0)
+release.set()
+print(os.waitstatus_to_exitcode(status))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "0", out.stderr

@@ -36,6 +36,16 @@ MAX_NAME = 64
 _mapping = threading.Lock()  # one fetch-and-map of a slab at a time per process
 
 
+def _after_fork() -> None:
+    """A forked child (a script of the warm client) must not wait for a lock a thread of its
+    parent held when it forked."""
+    global _mapping
+    _mapping = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class Client:
     """A connection to the wand daemon. Use :func:`connect`, ideally as a context manager.
 

@@ -96,6 +96,18 @@ _contexts: dict[int, ctypes.c_void_p] = {}
 _lock = threading.RLock()  # context() calls the driver while holding it
 
 
+def _after_fork() -> None:
+    """A forked child has one thread and none of its parent's CUDA state: a lock no other
+    thread can be holding, no contexts, the driver to initialise again (if it can)."""
+    global _lock, _lib
+    _lock = threading.RLock()
+    _contexts.clear()
+    _lib = None
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def driver() -> ctypes.CDLL:
     """The driver library, loaded and initialised once."""
     global _lib

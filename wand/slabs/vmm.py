@@ -41,6 +41,19 @@ _reaped: queue.SimpleQueue[Mapping] = queue.SimpleQueue()
 _reaper: threading.Thread | None = None
 
 
+def _after_fork() -> None:
+    """A forked child has no reaper thread, no GPU mappings (CUDA state does not survive a
+    fork) and must not wait for a lock a parent's thread held."""
+    global _lock, _reaped, _reaper
+    _lock = threading.Lock()
+    _reaped = queue.SimpleQueue()
+    _reaper = None
+    _mapped.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class Mapping:
     """An address range on GPU ``index`` mapped to an allocation ``handle`` of ``size``."""
 
