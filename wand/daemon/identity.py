@@ -29,7 +29,9 @@ SAMPLES = 16
 
 
 def shape_key(spec: ComponentSpec, device: str) -> tuple:
-    tensors = tuple((t.name, t.key, t.shape, str(t.dtype), t.aliases) for t in spec.tensors)
+    tensors = tuple(
+        (t.name, t.key, t.shape, str(t.dtype), t.aliases, t.scale) for t in spec.tensors
+    )
     return (spec.cls, json.dumps(spec.config, sort_keys=True), tensors, device)
 
 

@@ -22,6 +22,7 @@ from wand.common.dtypes import torch_dtype
 from wand.common.errors import Cancelled, CheckpointError
 from wand.common.spec import ComponentSpec, TensorSpec
 from wand.common.views import tensor_digest
+from wand.load.cast import cast_into, needs_cast
 from wand.load.files import open_regular, read_into
 from wand.load.tensorfile import TensorFile, TensorInfo, byte_view
 
@@ -74,9 +75,10 @@ def single_threaded() -> None:
 def read_tensor(
     fd: int, f: TensorFile, t: TensorSpec, info: TensorInfo, dst: torch.Tensor, local
 ) -> None:
-    """Read ``t``'s bytes from ``f`` into the contiguous tensor ``dst``, casting if need be."""
+    """Read ``t``'s bytes from ``f`` into the contiguous tensor ``dst``, casting (and
+    dequantizing) if need be."""
     start, what = f.offset(t.key), repr(t.key)
-    if info.dtype == dst.dtype:
+    if not needs_cast(info.dtype, dst.dtype, t.scale):
         read_into(fd, byte_view(dst), start, f.path, what)
         return
     scratch = getattr(local, "scratch", None)
@@ -88,7 +90,7 @@ def read_tensor(
         n = min(per_piece, out.numel() - first)
         piece = scratch[: n * info.dtype.itemsize]
         read_into(fd, byte_view(piece), start + first * info.dtype.itemsize, f.path, what)
-        out[first : first + n].copy_(piece.view(info.dtype))
+        cast_into(out[first : first + n], piece.view(info.dtype), t.scale)
 
 
 def open_files(spec: ComponentSpec) -> dict:
