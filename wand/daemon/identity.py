@@ -114,16 +114,26 @@ def _digest(path: str, size: int, mtime_ns: int, ino: int) -> str:
 
 def entry_fingerprint(entry: CheckpointConfig) -> str:
     """What a checkpoint's spec depends on: the entry's settings (not its name) and the
-    version of every file below its folder and of its LoRA files. Equal fingerprints mean
-    reading the folder again would give the same spec."""
-    folder = Path(os.path.realpath(entry.path))
+    version of every file below its folder (or of each of its files, and below its
+    tokenizer folder) and of its LoRA files. Equal fingerprints mean reading the
+    checkpoint again would give the same spec."""
+    if entry.path is not None:
+        where = _folder_versions(entry.path)
+    else:
+        where = [[name, _file_version(p)] for name, p in sorted(entry.files.items())]
+        if entry.tokenizer is not None:
+            where.append(_folder_versions(entry.tokenizer))
+    loras = [(x.name, x.expert, _file_version(x.path)) for x in entry.loras]
+    text = json.dumps([entry.task, entry.device, entry.dtype, loras, where], sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _folder_versions(path: Path) -> list:
+    """A folder's resolved path and the version of every file below it, by relative name."""
+    folder = Path(os.path.realpath(path))
     files = sorted(
         (str(Path(root, f).relative_to(folder)), *_size_mtime_inode(Path(root, f)))
         for root, _, names in os.walk(folder)
         for f in names
     )
-    loras = [(x.name, x.expert, _file_version(x.path)) for x in entry.loras]
-    text = json.dumps(
-        [str(folder), entry.task, entry.device, entry.dtype, loras, files], sort_keys=True
-    )
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return [str(folder), files]
