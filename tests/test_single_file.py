@@ -321,9 +321,13 @@ def test_variants_read_as_the_files_they_came_from(written, tmp_path, variant):
     files = written[layout, quant, "t2v-A14B"]
     mine = copied(files, tmp_path / "v")
     rewrite(mine[role], VARIANTS[variant])
-    before = load_state_dict(read_files(files).components[role])
+    original = read_files(files).components[role]
+    before = load_state_dict(original)
     after = read_files(mine).components[role]
     assert after.tensors[0].file == mine[role]
+    assert [(t.name, t.aliases) for t in after.tensors] == [
+        (t.name, t.aliases) for t in original.tensors
+    ]  # a stored copy of a tied weight is not a second tensor
     state = load_state_dict(after)
     assert state.keys() == before.keys()
     assert all(torch.equal(state[k], before[k]) for k in state), variant
@@ -479,6 +483,9 @@ def test_a_file_of_another_kind_is_refused_by_what_it_is(written, tmp_path):
     assert "holds a t2v-A14B model, whose files are high_noise_model and low_noise_model" in message
     message = refused(files, task="i2v-A14B")
     assert "asked for task i2v-A14B, but its diffusion model holds t2v-A14B" in message
+    without = {k: v for k, v in files.items() if k != "vae"}
+    assert "single-file checkpoint without 'vae'" in refused(without)
+    assert "model (ti2v-5B) and high/low_noise_model (A14B)" in refused({**files, **other})
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -540,7 +547,7 @@ def test_wanctl_loads_single_files_and_explains_what_is_wrong(
     assert r.stderr.startswith("wanctl: checkpoint: high_noise_model: ") and "swap" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     r = d.wanctl("load", f"--vae={files['vae']}")
-    assert r.returncode == 1 and "needs 'text_encoder' too" in r.stderr
+    assert r.returncode == 1 and "single-file checkpoint without 'text_encoder'" in r.stderr
     assert d.wanctl("load").returncode == 2
 
 
@@ -551,10 +558,8 @@ def test_the_configuration_takes_files_or_a_folder(tmp_path):
     assert entry.path is None and entry.files == {k: Path(v) for k, v in files.items()}
     assert entry.tokenizer == Path("/m/tok") and entry.source == "/m/high_noise_model.safetensors"
     problems = {
-        "needs 'vae' too": {k: v for k, v in files.items() if k != "vae"},
         "'path' (a folder) or one file per component, not both": {**files, "path": "/f"},
         "tokenizer goes with one file per component": {"path": "/f", "tokenizer": "/t"},
-        "model (ti2v-5B) and high_noise_model/low_noise_model (A14B)": {**files, "model": "/m"},
         "'path' (the checkpoint folder), or one file per component": {"name": "x"},
         "vae must be a file's path": {**files, "vae": 3},
     }

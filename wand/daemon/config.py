@@ -34,7 +34,6 @@ from wand.load.files import is_file, read_small
 SYSTEM_CONFIG = Path("/etc/wand/wand.toml")
 TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
 COMPONENT_FILES = ("high_noise_model", "low_noise_model", "model", "text_encoder", "vae")
-A14B_EXPERTS = ("high_noise_model", "low_noise_model")
 FILE_FLAGS = (*COMPONENT_FILES, "tokenizer")  # settings of a single-file checkpoint
 CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype", "lora", "tokenizer", *COMPONENT_FILES}
 LORA_KEYS = {"name", "path", "expert"}
@@ -74,7 +73,8 @@ class CheckpointConfig:
         """What it is read from, in messages: the folder, or its diffusion model's file."""
         if self.path is not None:
             return str(self.path)
-        return str(self.files.get("high_noise_model") or self.files.get("model"))
+        main = self.files.get("high_noise_model") or self.files.get("model")
+        return str(main or next(iter(self.files.values())))
 
     def reads_same(self, other: CheckpointConfig) -> bool:
         return (self.path, self.files) == (other.path, other.files)
@@ -191,25 +191,13 @@ def checkpoint(entry: dict[str, Any], where: str) -> CheckpointConfig:
 
 
 def _component_files(entry: dict[str, Any], where: str) -> dict[str, Path]:
-    """The files of a single-file checkpoint: the text encoder, the VAE, and both A14B
-    experts or the one ti2v-5B model."""
+    """The files of a single-file checkpoint (which components it needs, the reader says)."""
     files = {k: entry[k] for k in COMPONENT_FILES if k in entry}
     for key, value in files.items():
         if not _is_path(value):
             raise ConfigError(
                 f"{where}: {key} must be a file's path, at most {MAX_PATH} characters"
             )
-    if not files:
-        return {}
-    if "model" in files and set(A14B_EXPERTS) & set(files):
-        raise ConfigError(
-            f"{where}: model (ti2v-5B) and high_noise_model/low_noise_model (A14B) do not go "
-            "together"
-        )
-    experts = ("model",) if "model" in files else A14B_EXPERTS
-    missing = [k for k in ("text_encoder", "vae", *experts) if k not in files]
-    if missing:
-        raise ConfigError(f"{where}: a checkpoint of single files needs {missing[0]!r} too")
     return {k: Path(v) for k, v in files.items()}
 
 

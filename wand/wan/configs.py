@@ -49,17 +49,16 @@ def transformer_config(wan: dict[str, Any], source: Source) -> dict[str, Any]:
         heads, layers, eps = int(wan["num_heads"]), int(wan["num_layers"]), float(wan["eps"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{source.origin}: WanModel config lacks {e}") from None
-    dim, in_channels, *patch = _shape(source, "patch_embedding.weight")
-    out_features = _shape(source, "head.head.weight")[0]
-    patch_numel = patch[0] * patch[1] * patch[2]
-    if dim % heads or out_features % patch_numel:
-        raise CheckpointError(f"{source.origin}: dim {dim} / {heads} heads / head {out_features}")
+    dim, _, *patch = _shape(source, "patch_embedding.weight")
+    in_channels, out_channels = transformer_channels(source)
+    if heads <= 0 or dim % heads:
+        raise CheckpointError(f"{source.origin}: dim {dim} in {heads} heads")
     return {
         "patch_size": patch,
         "num_attention_heads": heads,
         "attention_head_dim": dim // heads,
         "in_channels": in_channels,
-        "out_channels": out_features // patch_numel,
+        "out_channels": out_channels,
         "text_dim": _shape(source, "text_embedding.0.weight")[1],
         "freq_dim": _shape(source, "time_embedding.0.weight")[1],
         "ffn_dim": _shape(source, "blocks.0.ffn.0.weight")[0],

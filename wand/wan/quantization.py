@@ -55,10 +55,6 @@ class Encoding:
     consumed: set[str] = field(default_factory=set)  # markers, scales, layer configs
     scale_suffix: str | None = None  # what a scale is called here; None: the file has none
 
-    @property
-    def scaled(self) -> bool:
-        return self.scale_suffix is not None
-
 
 def read_encoding(f: TensorFile, prefixes: tuple[str, ...]) -> Encoding:
     """The encoding of ``f``; ``prefixes`` are those its keys may carry (metadata may name
@@ -68,26 +64,7 @@ def read_encoding(f: TensorFile, prefixes: tuple[str, ...]) -> Encoding:
     formats = _layer_formats(f, keys, prefixes, enc)
     for layer, (fmt, where) in formats.items():
         _check_format(f, keys, layer, fmt, where)
-    legacy = False
-    for key in sorted(keys):
-        for suffix in SCALES:
-            layer = key.removesuffix(suffix)
-            if layer != key and layer + WEIGHT in keys:
-                weight = layer + WEIGHT
-                if weight in enc.scales:
-                    raise CheckpointError(
-                        f"{f.path}: {weight!r} has two scales ({layer}{SCALES[0]} and "
-                        f"{layer}{SCALES[1]})"
-                    )
-                enc.scales[weight] = _scale(f, key)
-                enc.consumed.add(key)
-                legacy |= suffix == SCALES[0]
-        for suffix in ACTIVATION_SCALES:
-            if key.endswith(suffix) and key.removesuffix(suffix) + WEIGHT in keys:
-                enc.consumed.add(key)
-        if key == MARKER or key.endswith("." + MARKER):
-            enc.consumed.add(key)
-            legacy = True
+    legacy = _take_scales(f, keys, enc)
     for layer, (_, where) in formats.items():
         if layer + WEIGHT not in enc.scales:
             raise CheckpointError(
@@ -97,6 +74,31 @@ def read_encoding(f: TensorFile, prefixes: tuple[str, ...]) -> Encoding:
     if legacy or enc.scales or formats:
         enc.scale_suffix = SCALES[0] if legacy else SCALES[1]
     return enc
+
+
+def _take_scales(f: TensorFile, keys: set[str], enc: Encoding) -> bool:
+    """Read every weight's scale into ``enc``, and mark scales, activation scales and
+    markers consumed; whether the file is in the legacy scaled form."""
+    legacy = False
+    for key in sorted(keys):
+        for suffix in SCALES:
+            layer = key.removesuffix(suffix)
+            if layer == key or layer + WEIGHT not in keys:
+                continue
+            if layer + WEIGHT in enc.scales:
+                raise CheckpointError(
+                    f"{f.path}: {layer + WEIGHT!r} has two scales ({layer}{SCALES[0]} and "
+                    f"{layer}{SCALES[1]})"
+                )
+            enc.scales[layer + WEIGHT] = _scale(f, key)
+            enc.consumed.add(key)
+            legacy |= suffix == SCALES[0]
+        if any(key.endswith(s) and key.removesuffix(s) + WEIGHT in keys for s in ACTIVATION_SCALES):
+            enc.consumed.add(key)
+        if key == MARKER or key.endswith("." + MARKER):
+            enc.consumed.add(key)
+            legacy = True
+    return legacy
 
 
 def _layer_formats(

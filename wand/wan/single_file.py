@@ -59,20 +59,24 @@ OTHER_MODELS = (  # key prefixes of Wan models that are not Wan2.2 t2v/i2v/ti2v
     ("ref_conv.", "a Wan Fun reference model"),
 )
 IMAGE_KEYS = re.compile(r"blocks\.\d+\.cross_attn\.(k_img|v_img|norm_k_img)\.")
+TIED_COPIES = {"encoder.embed_tokens.weight": "shared.weight"}  # transformers reads one
 KINDS = {
     "transformer": "a Wan diffusion model",
     "vae": "a Wan VAE",
     "umt5": "a UMT5 text encoder",
     "t5": "a UMT5 text encoder",
 }
-WANTED = {"text_encoder": ("umt5", "t5"), "vae": ("vae",)}  # every other role: transformer
+NEEDS = {  # role → the kinds of file it takes, in words
+    "text_encoder": (("umt5", "t5"), "a UMT5 text encoder"),
+    "vae": (("vae",), "a Wan VAE"),
+}
+EXPERT_NEEDS = (("transformer",), "a Wan2.2 diffusion model")
 
 
 @dataclass
 class _File:
     """One component's file, its keys as the reader names them, and what it holds."""
 
-    role: str
     tensors: TensorFile
     source: Source
     kind: str
@@ -151,7 +155,8 @@ def _check_name(role: str, path: Path) -> None:
 
 
 def _open(role: str, path: Path) -> _File:
-    """``path`` read as the file of ``role``: its prefix stripped, its extras consumed."""
+    """``path`` read as the file of ``role``: its prefix stripped, its extras consumed (and
+    a stored copy of a tied weight, which transformers does not read either)."""
     f = TensorFile(path)
     keys = f.keys()
     prefix = _prefix(keys)
@@ -165,11 +170,14 @@ def _open(role: str, path: Path) -> _File:
         if name in stored:
             raise CheckpointError(f"{path}: holds both {stored[name]!r} and {key!r}")
         stored[name] = key
+    for copy, tied in TIED_COPIES.items():
+        if tied in stored:
+            stored.pop(copy, None)
     scales = {name: enc.scales[key] for name, key in stored.items() if key in enc.scales}
     renamed = {n: k for n, k in stored.items() if n != k}
     source = Source(path, dict.fromkeys(stored, f), renamed, scales, enc.scale_suffix)
     kind = _kind(role, path, set(stored))
-    return _File(role, f, source, kind, tokenizer_key)
+    return _File(f, source, kind, tokenizer_key)
 
 
 def _prefix(keys: list[str]) -> str:
@@ -197,8 +205,7 @@ def _kind(role: str, path: Path, keys: set[str]) -> str:
         kind = "t5"
     else:
         kind = None
-    wanted = WANTED.get(role, ("transformer",))
-    need = KINDS[wanted[0]] if role in WANTED else "a Wan2.2 diffusion model"
+    wanted, need = NEEDS.get(role, EXPERT_NEEDS)
     if kind is None:
         lora = any("lora" in k for k in keys)
         sample = ", ".join(repr(k) for k in sorted(keys)[:3])
