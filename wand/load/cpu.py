@@ -3,8 +3,9 @@
 Sources are read with ``preadv``, never mapped: a file truncated under the loader is a short
 read and a :class:`CheckpointError` naming the file and the key, not a SIGBUS. A tensor whose
 dtype does not change is read straight into its place in the slab; one that is cast (float32
-on disk, bfloat16 resident) is read in pieces into a per-thread scratch buffer and cast from
-there. Copies run on a thread pool (reads and torch's casts release the GIL).
+on disk, bfloat16 resident) or dequantized (fp8 × its scale, :mod:`wand.load.cast`) is read in
+pieces into a per-thread scratch buffer and cast from there. Copies run on a thread pool
+(reads and torch's casts release the GIL).
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ boundaries. Reader threads fill a ring of pinned staging buffers, allocated once
 with positional reads (``os.preadv``) of whole chunks, :data:`DEPTH` reads in flight. Each
 filled buffer goes to the GPU asynchronously on a dedicated stream: pieces whose dtype does
 not change are uploaded straight into their place in the slab; the others are uploaded to a
-GPU scratch buffer and cast from there (e.g. float32 on disk to bfloat16 resident) by the
-GPU. A CUDA event per buffer says when its uploads are done, so the next read into it
-overlaps the copies of the others. Both formats are read by file offset (for ``.pth`` files,
-the offsets of the tensors' bytes inside the uncompressed zip archive).
+GPU scratch buffer and cast from there (e.g. float32 on disk to bfloat16 resident), or
+dequantized (fp8 × its scale), by the GPU. A CUDA event per buffer says when its uploads are
+done, so the next read into it overlaps the copies of the others. Both formats are read by
+file offset (for ``.pth`` files, the offsets of the tensors' bytes inside the uncompressed
+zip archive).
 
 :func:`plan` is pure arithmetic. :func:`fill` also runs on a CPU tensor (no pinning, no
 stream, the staging buffer is the scratch), which is how its logic is tested without a GPU.
