@@ -587,6 +587,21 @@ def test_a_spec_with_scales_survives_its_stored_record(written):
     assert from_record(msgpack.unpackb(msgpack.packb(to_record(spec)))) == spec
 
 
+def test_what_older_daemons_stored_still_matches(tiny):
+    """An upgrade adopts what the daemon before it stored: spec rows without scales read,
+    and an unscaled component keeps its slab's key."""
+    from wand.daemon import identity
+
+    spec = read_checkpoint(tiny("t2v-A14B", "original"))
+    record = to_record(spec)
+    for c in record["components"]:
+        c["tensors"] = [row[:6] for row in c["tensors"]]
+    assert from_record(msgpack.unpackb(msgpack.packb(record))) == spec
+    vae = spec.components["vae"]
+    rows = tuple((t.name, t.key, t.shape, t.dtype, t.aliases) for t in vae.tensors)
+    assert identity.shape_key(vae, "cpu")[2] == rows
+
+
 def test_the_gpu_staging_path_dequantizes_as_the_cpu_loader(written):
     """The GPU fill path run on CPU tensors: chunks split mid-tensor, scaled pieces."""
     from wand.common import manifest

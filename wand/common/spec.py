@@ -116,9 +116,9 @@ def from_record(record: dict[str, Any]) -> CheckpointSpec:
                 tuple(shape),
                 _dtype(dtype),
                 tuple(aliases),
-                _scale(scale),
+                _scale(*scale),
             )
-            for name, file, key, shape, dtype, aliases, scale in c["tensors"]
+            for name, file, key, shape, dtype, aliases, *scale in c["tensors"]
         ]
         components[c["name"]] = ComponentSpec(c["name"], c["cls"], c["config"], tensors)
     tokenizer = record["tokenizer"]
@@ -136,7 +136,8 @@ def _scale_record(scale: Scale | None) -> list | None:
     return None if scale is None else [scale.key, scale.value, list(scale.shape)]
 
 
-def _scale(record: list | None) -> Scale | None:
+def _scale(record: list | None = None) -> Scale | None:
+    """A row's scale; rows of older daemons have none."""
     if record is None:
         return None
     key, value, shape = record

@@ -30,8 +30,9 @@ SAMPLES = 16
 
 def shape_key(spec: ComponentSpec, device: str) -> tuple:
     tensors = tuple(
-        (t.name, t.key, t.shape, str(t.dtype), t.aliases, t.scale) for t in spec.tensors
-    )
+        (t.name, t.key, t.shape, str(t.dtype), t.aliases, *([t.scale] if t.scale else []))
+        for t in spec.tensors
+    )  # unscaled tensors keep the key older daemons stored their slabs under
     return (spec.cls, json.dumps(spec.config, sort_keys=True), tensors, device)
 
 
@@ -118,17 +119,16 @@ def entry_fingerprint(entry: CheckpointConfig) -> str:
     tokenizer folder) and of its LoRA files. Equal fingerprints mean reading the
     checkpoint again would give the same spec."""
     if entry.path is not None:
-        where = _folder_versions(entry.path)
+        where, files = _folder_versions(entry.path)
     else:
         where = [[name, _file_version(p)] for name, p in sorted(entry.files.items())]
-        if entry.tokenizer is not None:
-            where.append(_folder_versions(entry.tokenizer))
+        files = _folder_versions(entry.tokenizer) if entry.tokenizer is not None else None
     loras = [(x.name, x.expert, _file_version(x.path)) for x in entry.loras]
-    text = json.dumps([entry.task, entry.device, entry.dtype, loras, where], sort_keys=True)
+    text = json.dumps([where, entry.task, entry.device, entry.dtype, loras, files], sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _folder_versions(path: Path) -> list:
+def _folder_versions(path: Path) -> tuple[str, list]:
     """A folder's resolved path and the version of every file below it, by relative name."""
     folder = Path(os.path.realpath(path))
     files = sorted(
@@ -136,4 +136,4 @@ def _folder_versions(path: Path) -> list:
         for root, _, names in os.walk(folder)
         for f in names
     )
-    return [str(folder), files]
+    return str(folder), files
