@@ -132,6 +132,46 @@ def as_nobody(job: Callable[[], bytes]) -> bytes:
         os.waitpid(pid, 0)
 
 
+def _rchar(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+class Service:
+    """The daemon (run with ``args``) under an emulated systemd: notify socket, fd store,
+    restarts."""
+
+    def __init__(self, workdir: Path, *args: str, env: dict | None = None) -> None:
+        from wand.tools.notifyhost import NotifyHost
+
+        self.host = NotifyHost()
+        self.args, self.env, self.dir = list(args), env, workdir
+        self.endpoint = f"ipc://{workdir}/wand.sock"
+        self.log = workdir / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> dict:
+        cmd = [sys.executable, "-m", "wand.daemon", *self.args, "--endpoint", self.endpoint]
+        self.proc = self.host.start(cmd, self.log, self.env, cwd=ROOT)
+        self.host.collect(lambda m: any(x.startswith("READY=1") for x in m[-3:]), timeout=120)
+        with wand.connect(self.endpoint) as c:
+            status = c.status()
+        status["rchar"] = _rchar(self.proc.pid)
+        return status
+
+    def crash(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.host.drain()
+        self.host.messages.clear()
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.host.close()
+
+
 class Raw:
     """A bare DEALER on a daemon's endpoint, for sending anything at all."""
 

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, as_nobody
+from conftest import ROOT, Service, as_nobody
 
 import wand
 from wand.common import fdsocket
-from wand.tools.notifyhost import NotifyHost
 from wand.wan import write_tiny
 
 COMPONENTS = ("text_encoder", "vae", "high_noise_model", "low_noise_model")
@@ -223,49 +222,13 @@ def test_the_fd_socket_is_closed_to_users_outside_its_group(daemon):
     assert answer == b"refused"
 
 
-def _rchar(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
-
-
-class Service:
-    """The daemon under an emulated systemd: notify socket, fd store, restarts."""
-
-    def __init__(self, ckpt: Path, workdir: Path) -> None:
-        self.host = NotifyHost()
-        self.ckpt, self.dir = ckpt, workdir
-        self.endpoint = f"ipc://{workdir}/wand.sock"
-        self.log = workdir / "daemon.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> dict:
-        cmd = [sys.executable, "-m", "wand.daemon", "--checkpoint", str(self.ckpt)]
-        self.proc = self.host.start([*cmd, "--endpoint", self.endpoint], self.log, cwd=ROOT)
-        self.host.collect(lambda m: any(x.startswith("READY=1") for x in m[-3:]), timeout=120)
-        with wand.connect(self.endpoint) as c:
-            status = c.status()
-        status["rchar"] = _rchar(self.proc.pid)
-        return status
-
-    def crash(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        self.host.drain()
-        self.host.messages.clear()
-
-    def close(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.host.close()
-
-
 @pytest.fixture
 def service(tmp_path):
     ckpt = write_tiny(tmp_path / "ckpt", "t2v-A14B", "original", width=384, layers=4)
     workdir = tmp_path / "run"
     workdir.mkdir(mode=0o700)
-    s = Service(ckpt, workdir)
+    s = Service(workdir, "--checkpoint", str(ckpt))
+    s.ckpt = ckpt
     yield s
     s.close()
 

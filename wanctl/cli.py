@@ -24,6 +24,9 @@ from wand.common.version import __version__
 from wand.daemon.config import TASKS
 from wand.tools.chaos import PHASES, positive, seconds
 
+TINY_FILE_LAYOUTS = ("comfy", "kijai")  # wand.wan.tiny_files' (not imported: it needs torch)
+TINY_QUANTS = ("none", "fp8", "fp8_e5m2", "fp8_scaled", "comfy_quant")
+
 
 def _common_options(defaults: bool) -> argparse.ArgumentParser:
     """Options valid before and after the command; only the top level sets their defaults,
@@ -106,7 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("dest", help="folder to create")
     tiny.add_argument("--task", default="t2v-A14B", choices=TASKS)
-    tiny.add_argument("--layout", default="original", choices=["original", "diffusers"])
+    tiny.add_argument(
+        "--layout",
+        default="original",
+        choices=["original", "diffusers", *TINY_FILE_LAYOUTS],
+        help="a release folder, or one file per component as ComfyUI's (comfy) or Kijai's "
+        "(kijai) in ComfyUI's models/ folders",
+    )
+    tiny.add_argument(
+        "--quant",
+        default="none",
+        choices=TINY_QUANTS,
+        help="fp8 encoding of the single files' weights (default none: 16-bit)",
+    )
     tiny.add_argument(
         "--preset",
         default="tiny",
@@ -218,21 +233,36 @@ def _chaos(args: argparse.Namespace) -> int:
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from wand.wan import write_tiny
+    from wand.wan.tiny_files import file_names
 
+    if args.quant != "none" and args.layout not in TINY_FILE_LAYOUTS:
+        layouts = "/".join(TINY_FILE_LAYOUTS)
+        print(f"wanctl make-tiny: --quant is for --layout {layouts}", file=sys.stderr)
+        return exits.USAGE
     path = write_tiny(
         args.dest,
         args.task,
         args.layout,
+        quant=args.quant,
         preset=args.preset,
         layers=args.layers,
         width=args.width,
         seed=args.seed,
     )
-    print(
-        json.dumps({"path": str(path)})
-        if args.json
-        else f"wrote {args.task} ({args.layout} layout) to {path}"
-    )
+    if args.layout not in TINY_FILE_LAYOUTS:
+        print(
+            json.dumps({"path": str(path)})
+            if args.json
+            else f"wrote {args.task} ({args.layout} layout) to {path}"
+        )
+        return exits.OK
+    files = {k: str(path / v) for k, v in file_names(args.task, args.layout, args.quant).items()}
+    if args.json:
+        print(json.dumps({"path": str(path), "files": files}))
+    else:
+        lines = [f"wrote {args.task} ({args.layout} files, {args.quant}) to {path}:"]
+        lines += ["[[checkpoint]]", *(f'{k} = "{v}"' for k, v in files.items())]
+        print("\n".join(lines))
     return exits.OK
 
 

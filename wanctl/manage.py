@@ -13,7 +13,13 @@ from typing import Any
 from wanctl import exits
 from wand.client.connection import Client
 from wand.common.errors import WandError
-from wand.daemon.config import LORA_EXPERTS, TASKS, parse_assignments
+from wand.daemon.config import (
+    COMPONENT_FILES,
+    FILE_FLAGS,
+    LORA_EXPERTS,
+    TASKS,
+    parse_assignments,
+)
 from wand.daemon.logs import render
 
 FOLLOW_EVERY = 0.5
@@ -23,7 +29,23 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     load = sub.add_parser(
         "load", parents=[common], help="load a checkpoint into the running daemon"
     )
-    load.add_argument("path", type=Path, help="checkpoint folder (either layout)")
+    load.add_argument(
+        "path", type=Path, nargs="?", help="checkpoint folder (either layout); or the files:"
+    )
+    for name in COMPONENT_FILES:
+        load.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=Path,
+            metavar="FILE",
+            help=f"{name} file of a single-file checkpoint",
+        )
+    load.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="FOLDER",
+        help="its tokenizer folder (default: the one its text encoder embeds)",
+    )
     load.add_argument("--name", help="checkpoint name (default: the task)")
     load.add_argument("--task", choices=TASKS)
     load.add_argument("--device", action="append", default=[], metavar="[COMPONENT=]DEVICE")
@@ -67,7 +89,14 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 
 
 def load(args: argparse.Namespace) -> int:
-    request = {"path": os.path.abspath(args.path)}  # the daemon resolves links itself
+    given = {k: getattr(args, k) for k in ("path", *FILE_FLAGS) if getattr(args, k)}
+    if not given:
+        print(
+            "wanctl load: give a checkpoint folder, or its files (--high-noise-model ...)",
+            file=sys.stderr,
+        )
+        return exits.USAGE
+    request = {k: os.path.abspath(v) for k, v in given.items()}  # the daemon resolves links
     request.update({k: v for k, v in (("name", args.name), ("task", args.task)) if v})
     for key in ("device", "dtype"):
         if getattr(args, key):

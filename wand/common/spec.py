@@ -14,8 +14,22 @@ from wand.common import dtypes
 
 
 @dataclass(frozen=True)
+class Scale:
+    """The per-tensor factor a quantized weight is stored with: the weight is
+    ``stored.to(float32) * value`` (ComfyUI's scaled fp8 and its ``weight_scale``)."""
+
+    key: str  # the tensor in the weight's file that holds it ("scale_weight", "weight_scale")
+    value: float  # read from that tensor when the checkpoint was read; a float32 value
+    shape: tuple[int, ...] = ()  # that tensor's shape on disk: () or (1,), one value
+
+
+@dataclass(frozen=True)
 class TensorSpec:
-    """One resident tensor: where its bytes are on disk and how it lives in the slab."""
+    """One resident tensor: where its bytes are on disk and how it lives in the slab.
+
+    With a ``scale``, the fill paths write ``stored × scale`` computed in float32 and
+    rounded once to ``dtype``; without one, the stored values cast to ``dtype``.
+    """
 
     name: str  # state-dict name in the component's class
     file: Path
@@ -23,6 +37,7 @@ class TensorSpec:
     shape: tuple[int, ...]  # resident shape; same element count as on disk
     dtype: str  # resident dtype, by torch's name (wand.common.dtypes)
     aliases: tuple[str, ...] = ()  # further state-dict names for the same tensor (tied weights)
+    scale: Scale | None = None
 
 
 @dataclass
@@ -79,6 +94,7 @@ def to_record(spec: CheckpointSpec) -> dict[str, Any]:
                         list(t.shape),
                         t.dtype,
                         list(t.aliases),
+                        _scale_record(t.scale),
                     ]
                     for t in c.tensors
                 ],
@@ -93,8 +109,16 @@ def from_record(record: dict[str, Any]) -> CheckpointSpec:
     components = {}
     for c in record["components"]:
         tensors = [
-            TensorSpec(name, Path(file), key, tuple(shape), _dtype(dtype), tuple(aliases))
-            for name, file, key, shape, dtype, aliases in c["tensors"]
+            TensorSpec(
+                name,
+                Path(file),
+                key,
+                tuple(shape),
+                _dtype(dtype),
+                tuple(aliases),
+                _scale(*scale),
+            )
+            for name, file, key, shape, dtype, aliases, *scale in c["tensors"]
         ]
         components[c["name"]] = ComponentSpec(c["name"], c["cls"], c["config"], tensors)
     tokenizer = record["tokenizer"]
@@ -106,6 +130,20 @@ def from_record(record: dict[str, Any]) -> CheckpointSpec:
         Path(tokenizer) if tokenizer else None,
         record["extras"],
     )
+
+
+def _scale_record(scale: Scale | None) -> list | None:
+    return None if scale is None else [scale.key, scale.value, list(scale.shape)]
+
+
+def _scale(record: list | None = None) -> Scale | None:
+    """A row's scale; rows of older daemons have none."""
+    if record is None:
+        return None
+    key, value, shape = record
+    if not isinstance(key, str) or not isinstance(value, float):
+        raise ValueError(f"not a scale: {record!r:.80}")
+    return Scale(key, value, tuple(shape))
 
 
 def _dtype(name: str) -> str:

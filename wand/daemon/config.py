@@ -9,6 +9,13 @@ task = "t2v-A14B"                           # optional, detected from the folder
 device = "cpu"                              # "cuda", "cuda:N", or per component:
                                             # { "*" = "cuda:0", text_encoder = "cpu" }
 dtype = "bfloat16"                          # or { "*" = "bfloat16", vae = "float32" }
+
+[[checkpoint]]                              # or one file per component instead of a folder
+high_noise_model = "/srv/models/diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
+low_noise_model = "/srv/models/diffusion_models/wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
+text_encoder = "/srv/models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+vae = "/srv/models/vae/wan_2.1_vae.safetensors"
+tokenizer = "/srv/google/umt5-xxl"          # optional: else the one the text encoder embeds
 ```
 """
 
@@ -26,7 +33,9 @@ from wand.load.files import is_file, read_small
 
 SYSTEM_CONFIG = Path("/etc/wand/wand.toml")
 TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
-CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype", "lora"}
+COMPONENT_FILES = ("high_noise_model", "low_noise_model", "model", "text_encoder", "vae")
+FILE_FLAGS = (*COMPONENT_FILES, "tokenizer")  # settings of a single-file checkpoint
+CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype", "lora", "tokenizer", *COMPONENT_FILES}
 LORA_KEYS = {"name", "path", "expert"}
 LORA_EXPERTS = ("high", "low", "both")
 MAX_PATH, MAX_NAME = 4096, 64
@@ -47,12 +56,28 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    path: Path
+    """A checkpoint folder (``path``), or one file per component (``files``, with an
+    optional ``tokenizer`` folder)."""
+
+    path: Path | None
     name: str | None = None
     task: str | None = None
     device: dict[str, str] = field(default_factory=lambda: {"*": "cpu"})
     dtype: dict[str, str] = field(default_factory=dict)
     loras: tuple[LoraConfig, ...] = ()
+    files: dict[str, Path] = field(default_factory=dict)
+    tokenizer: Path | None = None
+
+    @property
+    def source(self) -> str:
+        """What it is read from, in messages: the folder, or its diffusion model's file."""
+        if self.path is not None:
+            return str(self.path)
+        main = self.files.get("high_noise_model") or self.files.get("model")
+        return str(main or next(iter(self.files.values())))
+
+    def reads_same(self, other: CheckpointConfig) -> bool:
+        return (self.path, self.files) == (other.path, other.files)
 
     def dtypes(self) -> dict[str, str]:
         """Resident dtype names by component (``"*"``: every other one), canonical."""
@@ -115,8 +140,19 @@ def checkpoint(entry: dict[str, Any], where: str) -> CheckpointConfig:
     unknown = {str(k)[:60] for k in entry} - CHECKPOINT_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-    path = entry.get("path")
-    if not isinstance(path, str) or not path or len(path) > MAX_PATH or "\0" in path:
+    path, files = entry.get("path"), _component_files(entry, where)
+    if path is not None and files:
+        raise ConfigError(f"{where}: 'path' (a folder) or one file per component, not both")
+    if path is not None and "tokenizer" in entry:
+        raise ConfigError(
+            f"{where}: tokenizer goes with one file per component (a folder has its own)"
+        )
+    if path is None and not files:
+        raise ConfigError(
+            f"{where}: 'path' (the checkpoint folder), or one file per component "
+            f"({', '.join(COMPONENT_FILES)}), is required"
+        )
+    if path is not None and not _is_path(path):
         raise ConfigError(
             f"{where}: 'path' (the checkpoint folder) is required: a string of at most "
             f"{MAX_PATH} characters"
@@ -139,7 +175,34 @@ def checkpoint(entry: dict[str, Any], where: str) -> CheckpointConfig:
     names = [x.name for x in loras]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: two LoRAs have the same name")
-    return CheckpointConfig(Path(path), name, task, device, dtype, loras)
+    tokenizer = entry.get("tokenizer")
+    if tokenizer is not None and not _is_path(tokenizer):
+        raise ConfigError(f"{where}: tokenizer must be a folder's path")
+    return CheckpointConfig(
+        Path(path) if path is not None else None,
+        name,
+        task,
+        device,
+        dtype,
+        loras,
+        files,
+        Path(tokenizer) if tokenizer is not None else None,
+    )
+
+
+def _component_files(entry: dict[str, Any], where: str) -> dict[str, Path]:
+    """The files of a single-file checkpoint (which components it needs, the reader says)."""
+    files = {k: entry[k] for k in COMPONENT_FILES if k in entry}
+    for key, value in files.items():
+        if not _is_path(value):
+            raise ConfigError(
+                f"{where}: {key} must be a file's path, at most {MAX_PATH} characters"
+            )
+    return {k: Path(v) for k, v in files.items()}
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_PATH and "\0" not in value
 
 
 def lora(entry: Any, where: str) -> LoraConfig:
@@ -163,18 +226,20 @@ def lora(entry: Any, where: str) -> LoraConfig:
 
 
 def with_overrides(config: Config, **flags: Any) -> Config:
-    """Command-line flags win: ``checkpoint`` replaces the file's checkpoints, ``device`` and
-    ``dtype`` apply to every checkpoint, ``endpoint`` replaces the endpoint."""
+    """Command-line flags win: ``checkpoint`` (a folder) or the component files replace the
+    file's checkpoints, ``device`` and ``dtype`` apply to every checkpoint, ``endpoint``
+    replaces the endpoint."""
     checkpoints = config.checkpoints
-    if flags.get("checkpoint"):
+    given = {
+        key: str(flags[flag])
+        for key, flag in (("path", "checkpoint"), *((k, k) for k in FILE_FLAGS))
+        if flags.get(flag)
+    }
+    if given:
         checkpoints = (
             checkpoint(
-                {
-                    "path": str(flags["checkpoint"]),
-                    "name": flags.get("name"),
-                    "task": flags.get("task"),
-                },
-                "--checkpoint",
+                {**given, "name": flags.get("name"), "task": flags.get("task")},
+                "--checkpoint" if "path" in given else "command line",
             ),
         )
     changes: dict[str, Any] = {}

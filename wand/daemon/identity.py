@@ -29,7 +29,10 @@ SAMPLES = 16
 
 
 def shape_key(spec: ComponentSpec, device: str) -> tuple:
-    tensors = tuple((t.name, t.key, t.shape, str(t.dtype), t.aliases) for t in spec.tensors)
+    tensors = tuple(
+        (t.name, t.key, t.shape, str(t.dtype), t.aliases, *([t.scale] if t.scale else []))
+        for t in spec.tensors
+    )  # unscaled tensors keep the key older daemons stored their slabs under
     return (spec.cls, json.dumps(spec.config, sort_keys=True), tensors, device)
 
 
@@ -112,16 +115,25 @@ def _digest(path: str, size: int, mtime_ns: int, ino: int) -> str:
 
 def entry_fingerprint(entry: CheckpointConfig) -> str:
     """What a checkpoint's spec depends on: the entry's settings (not its name) and the
-    version of every file below its folder and of its LoRA files. Equal fingerprints mean
-    reading the folder again would give the same spec."""
-    folder = Path(os.path.realpath(entry.path))
+    version of every file below its folder (or of each of its files, and below its
+    tokenizer folder) and of its LoRA files. Equal fingerprints mean reading the
+    checkpoint again would give the same spec."""
+    if entry.path is not None:
+        where, files = _folder_versions(entry.path)
+    else:
+        where = [[name, _file_version(p)] for name, p in sorted(entry.files.items())]
+        files = _folder_versions(entry.tokenizer) if entry.tokenizer is not None else None
+    loras = [(x.name, x.expert, _file_version(x.path)) for x in entry.loras]
+    text = json.dumps([where, entry.task, entry.device, entry.dtype, loras, files], sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _folder_versions(path: Path) -> tuple[str, list]:
+    """A folder's resolved path and the version of every file below it, by relative name."""
+    folder = Path(os.path.realpath(path))
     files = sorted(
         (str(Path(root, f).relative_to(folder)), *_size_mtime_inode(Path(root, f)))
         for root, _, names in os.walk(folder)
         for f in names
     )
-    loras = [(x.name, x.expert, _file_version(x.path)) for x in entry.loras]
-    text = json.dumps(
-        [str(folder), entry.task, entry.device, entry.dtype, loras, files], sort_keys=True
-    )
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return str(folder), files

@@ -27,9 +27,10 @@ from wand.common.errors import CheckpointError, DeviceError, WandError
 from wand.common.fdsocket import SUFFIX
 from wand.common.spec import CheckpointSpec, from_record
 from wand.common.version import __version__
-from wand.daemon import config, fdstore, identity, logs, systemd
+from wand.daemon import cachedir, config, fdstore, identity, logs, systemd
 from wand.daemon.server import Server
 from wand.daemon.store import Checkpoint, Store
+from wand.load.files import is_dir
 
 log = logging.getLogger("wand")
 EX_CONFIG = 78
@@ -49,6 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--check-config", action="store_true", help="validate, explain and exit")
     p.add_argument("--checkpoint", help="serve this checkpoint folder instead of the file's")
+    for name in config.COMPONENT_FILES:
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar="FILE",
+            help=f"or one file per component: the {name} (a single-file checkpoint)",
+        )
+    p.add_argument(
+        "--tokenizer", metavar="FOLDER", help="tokenizer of a single-file checkpoint (optional)"
+    )
     p.add_argument("--name", help="checkpoint name in component addresses (default: the task)")
     p.add_argument("--task", choices=config.TASKS, help="override task detection")
     p.add_argument(
@@ -102,6 +113,7 @@ def _configuration(args: argparse.Namespace) -> config.Config:
     return config.with_overrides(
         config.load(args.config),
         checkpoint=args.checkpoint,
+        **{k: getattr(args, k) for k in config.FILE_FLAGS},
         name=args.name,
         task=args.task,
         device=config.parse_assignments(args.device),
@@ -120,22 +132,31 @@ def read(entry: config.CheckpointConfig, known: dict[str, Any] | None = None) ->
     fingerprint = _fingerprint(entry)
     spec = _known_spec(known or {}, fingerprint)
     if spec is None:
-        spec = _read_folder(entry)
+        spec = _read_entry(entry)
     ckpt = Checkpoint(entry.name or spec.task, spec, entry, "config")
     ckpt.fingerprint = fingerprint
     return ckpt
 
 
-def _read_folder(entry: config.CheckpointConfig) -> CheckpointSpec:
-    from wand.wan import read_checkpoint, read_lora  # heavy imports once arguments are fine
+def _read_entry(entry: config.CheckpointConfig) -> CheckpointSpec:
+    from wand.wan import read_checkpoint, read_files, read_lora  # heavy imports once args are fine
 
     try:
-        spec = read_checkpoint(entry.path, task=entry.task, dtypes=entry.dtypes())
+        if entry.path is not None:
+            spec = read_checkpoint(entry.path, task=entry.task, dtypes=entry.dtypes())
+        else:
+            spec = read_files(
+                entry.files,
+                task=entry.task,
+                dtypes=entry.dtypes(),
+                tokenizer=entry.tokenizer,
+                tokenizer_cache=cachedir.tokenizers(),
+            )
         for lora in entry.loras:
             comp = read_lora(lora, spec)
             spec.components[comp.name] = comp
     except (OSError, ValueError, RecursionError) as e:  # a file problem no check foresaw
-        raise CheckpointError(f"{entry.path}: {type(e).__name__}: {str(e)[:300]}") from None
+        raise CheckpointError(f"{entry.source}: {type(e).__name__}: {str(e)[:300]}") from None
     return spec
 
 
@@ -154,6 +175,9 @@ def _known_spec(known: dict[str, Any], fingerprint: str | None) -> CheckpointSpe
         spec = from_record(record)
     except (KeyError, TypeError, ValueError) as e:
         log.warning("stored spec %s is unusable (%s): reading the folder", fingerprint, e)
+        return None
+    if spec.tokenizer is not None and not is_dir(spec.tokenizer):  # a cache emptied since
+        log.info("%s: tokenizer %s is gone: reading the checkpoint", spec.path, spec.tokenizer)
         return None
     log.info("%s: unchanged since it was read, spec from the fd store", spec.path)
     return spec
@@ -322,7 +346,7 @@ class Daemon:
         for entry in self.config.checkpoints:
             extra = self._extra_loras(entry)
             entry = replace(entry, loras=(*entry.loras, *extra))
-            ckpt = self._read_for_reload(entry, entry.name or str(entry.path), report)
+            ckpt = self._read_for_reload(entry, entry.name or entry.source, report)
             if ckpt is not None:
                 ckpt.extra_loras = list(extra)
                 wanted[ckpt.name] = ckpt
@@ -348,7 +372,7 @@ class Daemon:
     def _extra_loras(self, entry: config.CheckpointConfig) -> tuple[config.LoraConfig, ...]:
         """The LoRAs ``wanctl load-lora`` gave the loaded checkpoint of a configured entry."""
         loaded = next(
-            (c for c in self.store.snapshot().checkpoints.values() if c.config.path == entry.path),
+            (c for c in self.store.snapshot().checkpoints.values() if c.config.reads_same(entry)),
             None,
         )
         if loaded is None or (entry.name and entry.name != loaded.name):

@@ -3,8 +3,9 @@
 Sources are read with ``preadv``, never mapped: a file truncated under the loader is a short
 read and a :class:`CheckpointError` naming the file and the key, not a SIGBUS. A tensor whose
 dtype does not change is read straight into its place in the slab; one that is cast (float32
-on disk, bfloat16 resident) is read in pieces into a per-thread scratch buffer and cast from
-there. Copies run on a thread pool (reads and torch's casts release the GIL).
+on disk, bfloat16 resident) or dequantized (fp8 × its scale, :mod:`wand.load.cast`) is read in
+pieces into a per-thread scratch buffer and cast from there. Copies run on a thread pool
+(reads and torch's casts release the GIL).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from wand.common.dtypes import torch_dtype
 from wand.common.errors import Cancelled, CheckpointError
 from wand.common.spec import ComponentSpec, TensorSpec
 from wand.common.views import tensor_digest
+from wand.load.cast import cast_into, needs_cast
 from wand.load.files import open_regular, read_into
 from wand.load.tensorfile import TensorFile, TensorInfo, byte_view
 
@@ -74,9 +76,10 @@ def single_threaded() -> None:
 def read_tensor(
     fd: int, f: TensorFile, t: TensorSpec, info: TensorInfo, dst: torch.Tensor, local
 ) -> None:
-    """Read ``t``'s bytes from ``f`` into the contiguous tensor ``dst``, casting if need be."""
+    """Read ``t``'s bytes from ``f`` into the contiguous tensor ``dst``, casting (and
+    dequantizing) if need be."""
     start, what = f.offset(t.key), repr(t.key)
-    if info.dtype == dst.dtype:
+    if not needs_cast(info.dtype, dst.dtype, t.scale):
         read_into(fd, byte_view(dst), start, f.path, what)
         return
     scratch = getattr(local, "scratch", None)
@@ -88,7 +91,7 @@ def read_tensor(
         n = min(per_piece, out.numel() - first)
         piece = scratch[: n * info.dtype.itemsize]
         read_into(fd, byte_view(piece), start + first * info.dtype.itemsize, f.path, what)
-        out[first : first + n].copy_(piece.view(info.dtype))
+        cast_into(out[first : first + n], piece.view(info.dtype), t.scale)
 
 
 def open_files(spec: ComponentSpec) -> dict:

@@ -6,10 +6,11 @@ boundaries. Reader threads fill a ring of pinned staging buffers, allocated once
 with positional reads (``os.preadv``) of whole chunks, :data:`DEPTH` reads in flight. Each
 filled buffer goes to the GPU asynchronously on a dedicated stream: pieces whose dtype does
 not change are uploaded straight into their place in the slab; the others are uploaded to a
-GPU scratch buffer and cast from there (e.g. float32 on disk to bfloat16 resident) by the
-GPU. A CUDA event per buffer says when its uploads are done, so the next read into it
-overlaps the copies of the others. Both formats are read by file offset (for ``.pth`` files,
-the offsets of the tensors' bytes inside the uncompressed zip archive).
+GPU scratch buffer and cast from there (e.g. float32 on disk to bfloat16 resident), or
+dequantized (fp8 × its scale), by the GPU. A CUDA event per buffer says when its uploads are
+done, so the next read into it overlaps the copies of the others. Both formats are read by
+file offset (for ``.pth`` files, the offsets of the tensors' bytes inside the uncompressed
+zip archive).
 
 :func:`plan` is pure arithmetic. :func:`fill` also runs on a CPU tensor (no pinning, no
 stream, the staging buffer is the scratch), which is how its logic is tested without a GPU.
@@ -29,7 +30,8 @@ import torch
 from wand.common import views
 from wand.common.dtypes import torch_dtype
 from wand.common.errors import Cancelled
-from wand.common.spec import ComponentSpec
+from wand.common.spec import ComponentSpec, Scale
+from wand.load.cast import cast_into, needs_cast
 from wand.load.cpu import Progress, open_files, single_threaded, source_info
 from wand.load.files import open_regular, read_into
 
@@ -99,11 +101,18 @@ def plan(reads: list[Read], capacity: int) -> list[Chunk]:
 
 @dataclass(frozen=True)
 class Target:
-    """Where a tensor goes: its bytes in the slab, and the dtypes on disk and resident."""
+    """Where a tensor goes: its bytes in the slab, the dtypes on disk and resident, and the
+    scale of a quantized weight."""
 
     bytes: torch.Tensor  # uint8 view of the slab
     src: torch.dtype
     dst: torch.dtype
+    scale: Scale | None = None
+
+    @property
+    def direct(self) -> bool:
+        """Its bytes on disk are its bytes in the slab: copied, not cast."""
+        return not needs_cast(self.src, self.dst, self.scale)
 
 
 class FileSource:
@@ -215,8 +224,8 @@ class Ring:
         staged = self.host[slot][: chunk.nbytes]
         if not self.cuda:
             return _place(staged, chunk, targets)
-        direct = [p for p in chunk.pieces if targets[p.read].src == targets[p.read].dst]
-        cast = [p for p in chunk.pieces if targets[p.read].src != targets[p.read].dst]
+        direct = [p for p in chunk.pieces if targets[p.read].direct]
+        cast = [p for p in chunk.pieces if not targets[p.read].direct]
         with torch.cuda.stream(self.stream):
             written = _place(staged, Chunk(chunk.source, chunk.offset, 0, direct), targets)
             if cast:
@@ -232,11 +241,12 @@ class Ring:
 
 
 def _place(staged: torch.Tensor, chunk: Chunk, targets: list[Target]) -> int:
-    """Copy (same dtype) or cast each piece of ``staged`` into its slab bytes."""
+    """Copy (same dtype) or cast (and dequantize) each piece of ``staged`` into its slab
+    bytes."""
     written = 0
     for p in chunk.pieces:
         src, t = staged[p.at : p.at + p.nbytes], targets[p.read]
-        if t.src == t.dst:
+        if t.direct:
             t.bytes[p.start : p.start + p.nbytes].copy_(src, non_blocking=True)
             written += p.nbytes
             continue
@@ -244,7 +254,7 @@ def _place(staged: torch.Tensor, chunk: Chunk, targets: list[Target]) -> int:
         count = p.nbytes // t.src.itemsize
         if p.at % t.src.itemsize:
             src = src.clone()  # a misaligned tensor in the file: an aligned copy to view
-        t.bytes.view(t.dst)[first : first + count].copy_(src.view(t.src))
+        cast_into(t.bytes.view(t.dst)[first : first + count], src.view(t.src), t.scale)
         written += count * t.dst.itemsize
     return written
 
@@ -265,5 +275,5 @@ def _inputs(
         dst = torch_dtype(dtype)
         size = info.nbytes // info.dtype.itemsize * dst.itemsize
         reads.append(Read(by_path[t.file], f.offset(t.key), info.nbytes, info.dtype.itemsize))
-        targets.append(Target(flat[offset : offset + size], info.dtype, dst))
+        targets.append(Target(flat[offset : offset + size], info.dtype, dst, t.scale))
     return reads, targets

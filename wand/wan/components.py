@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from wand.common.dtypes import name_of, torch_dtype
+from wand.common.dtypes import FP8, name_of, torch_dtype
 from wand.common.errors import CheckpointError
 from wand.common.spec import ComponentSpec, TensorSpec
 from wand.wan.dtypes import resident_dtype
@@ -43,7 +43,9 @@ def component_spec(
         if k not in source
     ]
     problems += [
-        f"{source.file(k)}: unexpected tensor {k!r}" for k in source.keys() if k not in names_of
+        f"{source.file(k)}: unexpected tensor {source.stored_key(k)!r}"
+        for k in source.keys()
+        if k not in names_of
     ]
     tensors = []
     for key, names in names_of.items():
@@ -51,25 +53,65 @@ def component_spec(
             continue
         info, like = source.info(key), expected[names[0]]
         want = tuple(like.shape)
+        where = f"{source.file(key)}: tensor {source.stored_key(key)!r}"
         if info.shape != want:
-            found = f"{source.file(key)}: tensor {key!r} has shape {list(info.shape)}"
-            problems.append(f"{found}, {names[0]} needs {list(want)}")
+            problems.append(f"{where} has shape {list(info.shape)}, {names[0]} needs {list(want)}")
             continue
         if info.dtype.is_floating_point != like.dtype.is_floating_point:
             kind = "floating-point" if like.dtype.is_floating_point else "integer"
             problems.append(
-                f"{source.file(key)}: tensor {key!r} is stored as {info.dtype}, "
-                f"{names[0]} needs {kind} values ({like.dtype})"
+                f"{where} is stored as {info.dtype}, {names[0]} needs {kind} values ({like.dtype})"
             )
             continue
         resident = name_of(resident_dtype(cls, module, names[0], info.dtype, torch_dtype(dtype)))
+        scale = source.scale(key)
+        problem = _scaling_problem(module, names[0], source, key, info.dtype, resident)
+        if problem:
+            problems.append(f"{where} {problem}")
+            continue
         tensors.append(
-            TensorSpec(names[0], source.file(key), key, want, resident, tuple(names[1:]))
+            TensorSpec(
+                names[0],
+                source.file(key),
+                source.stored_key(key),
+                want,
+                resident,
+                tuple(names[1:]),
+                scale,
+            )
         )
     if problems:
         more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
         raise CheckpointError(f"{name}: " + "; ".join(problems[:MAX_LISTED]) + more)
     return ComponentSpec(name, cls, config, tensors)
+
+
+def _scaling_problem(
+    module: torch.nn.Module,
+    name: str,
+    source: Source,
+    key: str,
+    stored: torch.dtype,
+    resident: str,
+) -> str | None:
+    """What is wrong with how a weight is scaled, if anything.
+
+    In a scaled file every float8 weight of a Linear layer has its scale (the layers
+    ComfyUI scales); other float8 tensors (embeddings) have none and a scale of 1, as
+    ComfyUI reads them. A scaled weight is resident dequantized: it cannot stay float8
+    until modules apply scales themselves.
+    """
+    if source.scale(key) is not None:
+        if resident in FP8:
+            return f"has a scale: it cannot be resident as {resident} (use bfloat16)"
+        return None
+    layer, _, leaf = name.rpartition(".")
+    if source.scale_suffix is None or name_of(stored) not in FP8 or leaf != "weight":
+        return None
+    if not isinstance(module.get_submodule(layer), torch.nn.Linear):
+        return None
+    scale = source.stored_key(key).removesuffix(".weight") + source.scale_suffix
+    return f"is {name_of(stored)} without its scale {scale!r} in a scaled file"
 
 
 def _names_by_key(

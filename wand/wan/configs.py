@@ -1,17 +1,24 @@
-"""Class configs for original-layout components, from their config.json and tensor shapes.
+"""Class configs for components in Wan's own names (the release folders, single files),
+from their config.json, metadata and tensor shapes.
 
 Nothing here knows a full-size number: a tiny checkpoint in the real layout yields a tiny
-config the same way the release yields the real one.
+config the same way the release yields the real one. The one rule of thumb, a single file's
+head size of 128 (it has no config.json), gives way to the file's metadata when it says.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from wand.common.errors import CheckpointError
 from wand.wan.latents import LATENTS
 from wand.wan.sources import Source
+
+HEAD_DIM = 128  # every Wan2.2 DiT: 5120 / 40 heads, 3072 / 24 heads
 
 
 def _shape(source: Source, key: str) -> tuple[int, ...]:
@@ -26,6 +33,15 @@ def _count(source: Source, pattern: str) -> int:
     return len(found)
 
 
+def transformer_channels(source: Source) -> tuple[int, int]:
+    """(input, output) channels of a ``WanModel``: its patch embedding's and its head's."""
+    _, in_channels, *patch = _shape(source, "patch_embedding.weight")
+    out_features, numel = _shape(source, "head.head.weight")[0], math.prod(patch)
+    if not numel or out_features % numel:
+        raise CheckpointError(f"{source.origin}: head of {out_features} for patch {patch}")
+    return in_channels, out_features // numel
+
+
 def transformer_config(wan: dict[str, Any], source: Source) -> dict[str, Any]:
     """``WanTransformer3DModel`` config from a ``WanModel`` config.json (which only has the
     fields WanModel registers) and the expert's tensor shapes."""
@@ -33,17 +49,16 @@ def transformer_config(wan: dict[str, Any], source: Source) -> dict[str, Any]:
         heads, layers, eps = int(wan["num_heads"]), int(wan["num_layers"]), float(wan["eps"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{source.origin}: WanModel config lacks {e}") from None
-    dim, in_channels, *patch = _shape(source, "patch_embedding.weight")
-    out_features = _shape(source, "head.head.weight")[0]
-    patch_numel = patch[0] * patch[1] * patch[2]
-    if dim % heads or out_features % patch_numel:
-        raise CheckpointError(f"{source.origin}: dim {dim} / {heads} heads / head {out_features}")
+    dim, _, *patch = _shape(source, "patch_embedding.weight")
+    in_channels, out_channels = transformer_channels(source)
+    if heads <= 0 or dim % heads:
+        raise CheckpointError(f"{source.origin}: dim {dim} in {heads} heads")
     return {
         "patch_size": patch,
         "num_attention_heads": heads,
         "attention_head_dim": dim // heads,
         "in_channels": in_channels,
-        "out_channels": out_features // patch_numel,
+        "out_channels": out_channels,
         "text_dim": _shape(source, "text_embedding.0.weight")[1],
         "freq_dim": _shape(source, "time_embedding.0.weight")[1],
         "ffn_dim": _shape(source, "blocks.0.ffn.0.weight")[0],
@@ -60,19 +75,56 @@ def transformer_config(wan: dict[str, Any], source: Source) -> dict[str, Any]:
     }
 
 
-def t5_config(source: Source) -> dict[str, Any]:
-    """``UMT5Config`` fields for the Wan T5 encoder ``.pth`` (umt5 family, gated GELU)."""
-    vocab, d_model = _shape(source, "token_embedding.weight")
-    buckets, heads = _shape(source, "blocks.0.pos_embedding.embedding.weight")
-    inner = _shape(source, "blocks.0.attn.q.weight")[0]
-    layers = _count(source, r"blocks\.(\d+)\.norm1\.weight")
+def wan_model_settings(metadata: dict[str, str], source: Source) -> dict[str, Any]:
+    """What a ``WanModel`` config.json would say that shapes do not, for a single file,
+    which has none: ComfyUI's rules (attention heads of 128, eps 1e-6, blocks counted),
+    unless the file's ``__metadata__["config"]`` says otherwise (``{"transformer": {...}}``,
+    which ComfyUI reads too)."""
+    where = f"{source.origin}: __metadata__['config']"
+    try:
+        given = json.loads(metadata.get("config", "{}")).get("transformer", {})
+    except (ValueError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{where} is not a JSON object of configs: {e}") from None
+    if not isinstance(given, dict):
+        raise CheckpointError(f"{where}: 'transformer' must be an object")
+    dim = _shape(source, "patch_embedding.weight")[0]
+    heads = given.get("num_heads")
+    if heads is None:
+        if dim % HEAD_DIM:
+            raise CheckpointError(
+                f"{source.origin}: dim {dim} is not a multiple of {HEAD_DIM} (Wan2.2's head "
+                "size) and the file's metadata does not say its number of heads"
+            )
+        heads = dim // HEAD_DIM
+    return {
+        "num_heads": heads,
+        "num_layers": _count(source, r"blocks\.(\d+)\..*"),
+        "eps": given.get("eps", 1e-6),
+    }
+
+
+def t5_config(source: Source, to_key: Callable[[str], str]) -> dict[str, Any]:
+    """``UMT5Config`` fields for a UMT5 encoder (umt5 family, gated GELU) from its shapes;
+    ``to_key`` maps ``UMT5EncoderModel`` names to the file's keys (Wan's ``.pth`` names,
+    or the identity for transformers' own)."""
+
+    def shape(name: str) -> tuple[int, ...]:
+        return _shape(source, to_key(name))
+
+    vocab, d_model = shape("shared.weight")
+    attention = "encoder.block.0.layer.0.SelfAttention."
+    buckets, heads = shape(attention + "relative_attention_bias.weight")
+    inner = shape(attention + "q.weight")[0]
+    layers = 0
+    while to_key(f"encoder.block.{layers}.layer.0.layer_norm.weight") in source:
+        layers += 1
     return {
         "model_type": "umt5",
         "architectures": ["UMT5EncoderModel"],
         "vocab_size": vocab,
         "d_model": d_model,
         "d_kv": inner // heads,
-        "d_ff": _shape(source, "blocks.0.ffn.fc1.weight")[0],
+        "d_ff": shape("encoder.block.0.layer.1.DenseReluDense.wi_1.weight")[0],
         "num_layers": layers,
         "num_decoder_layers": layers,
         "num_heads": heads,

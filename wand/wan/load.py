@@ -9,6 +9,7 @@ import torch
 
 from wand.common.dtypes import torch_dtype
 from wand.common.spec import ComponentSpec
+from wand.load.cast import cast_into
 from wand.load.tensorfile import TensorFile
 
 
@@ -20,7 +21,9 @@ def load_state_dict(component: ComponentSpec) -> dict[str, torch.Tensor]:
         f = files.get(str(spec.file))
         if f is None:  # one TensorFile per file, not per tensor
             f = files[str(spec.file)] = TensorFile(spec.file)
-        tensor = f.read(spec.key).to(torch_dtype(spec.dtype)).reshape(spec.shape)
+        stored = f.read(spec.key)
+        tensor = torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
+        cast_into(tensor.view(-1), stored.view(-1), spec.scale)
         for name in (spec.name, *spec.aliases):
             state[name] = tensor
     return state

@@ -52,21 +52,32 @@ def read_checkpoint(
         raise CheckpointError(f"{root}: not a folder (a checkpoint is a folder)")
     layout = "diffusers" if is_file(root / "model_index.json") else "original"
     detected = _detect_diffusers(root) if layout == "diffusers" else _detect_original(root)
-    if task is not None and task not in TASKS:
-        raise CheckpointError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    if task is not None and task != detected:
-        raise CheckpointError(f"{root}: asked for task {task}, but the folder holds {detected}")
+    check_task(root, task, detected, "the folder")
     info = TASKS[detected]
+    want = resident_dtypes(root, info, dtypes)
+    reader = _read_diffusers if layout == "diffusers" else _read_original
+    components, tokenizer, extras = reader(root, info, want)
+    return CheckpointSpec(root, detected, layout, components, tokenizer, extras)
+
+
+def check_task(where: Path, asked: str | None, detected: str, holder: str) -> None:
+    """``asked`` (the configured task, if any) is a task and the one ``holder`` holds."""
+    if asked is not None and asked not in TASKS:
+        raise CheckpointError(f"unknown task {asked!r}; known: {', '.join(TASKS)}")
+    if asked is not None and asked != detected:
+        raise CheckpointError(f"{where}: asked for task {asked}, but {holder} holds {detected}")
+
+
+def resident_dtypes(where: Path, info: Task, dtypes: Mapping[str, str] | None) -> dict[str, str]:
+    """Every component's resident dtype: its own entry in ``dtypes``, else ``"*"``, else
+    what Wan2.2 uses."""
     names = ("text_encoder", "vae", *info.experts)
     dtypes = dict(dtypes or {})
     unknown = set(dtypes) - {"*", *names}
     if unknown:
-        raise CheckpointError(f"{root}: {detected} has no component {sorted(unknown)[0]!r}")
+        raise CheckpointError(f"{where}: {info.name} has no component {sorted(unknown)[0]!r}")
     everywhere = dict.fromkeys(names, dtypes.pop("*")) if "*" in dtypes else {}
-    want = {**DEFAULT_DTYPES, **everywhere, **dtypes}
-    reader = _read_diffusers if layout == "diffusers" else _read_original
-    components, tokenizer, extras = reader(root, info, want)
-    return CheckpointSpec(root, detected, layout, components, tokenizer, extras)
+    return {**DEFAULT_DTYPES, **everywhere, **dtypes}
 
 
 # ---- detection ----------------------------------------------------------------------------
@@ -127,7 +138,7 @@ def _read_original(root: Path, info: Task, dtypes: dict[str, str]):
     components["text_encoder"] = component_spec(
         "text_encoder",
         TEXT_ENCODER,
-        configs.t5_config(t5),
+        configs.t5_config(t5, original_names.t5),
         t5,
         original_names.t5,
         dtypes["text_encoder"],
@@ -146,8 +157,12 @@ def _read_original(root: Path, info: Task, dtypes: dict[str, str]):
         components[expert] = component_spec(
             expert, TRANSFORMER, config, source, original_names.transformer, dtypes[expert]
         )
-    extras = _extras(info, {**_scheduler_defaults(), "flow_shift": info.sample_shift})
-    return components, _tokenizer(root / TOKENIZER_DIR), extras
+    return components, _tokenizer(root / TOKENIZER_DIR), original_extras(info)
+
+
+def original_extras(info: Task) -> dict[str, Any]:
+    """Pipeline facts of a checkpoint without a scheduler config: the release's."""
+    return _extras(info, {**_scheduler_defaults(), "flow_shift": info.sample_shift})
 
 
 def _scheduler_defaults() -> dict[str, Any]:

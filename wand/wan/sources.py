@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from wand.common.errors import CheckpointError
+from wand.common.spec import Scale
 from wand.load.files import is_file, read_small
 from wand.load.tensorfile import TensorFile, TensorInfo
 
@@ -14,12 +15,24 @@ class Source:
     """Key → (file, info) for every tensor of a component, across all its files.
 
     ``origin`` is the file that lists the keys (the index, or the only file): a key that
-    should be there and is not is reported against it.
+    should be there and is not is reported against it. A single file may store a key under
+    another name (a prefix: ``stored``) and a weight with a scale (``scales``);
+    ``scale_suffix`` says what its scales are called when it is a scaled file.
     """
 
-    def __init__(self, origin: Path, files: dict[str, TensorFile]) -> None:
+    def __init__(
+        self,
+        origin: Path,
+        files: dict[str, TensorFile],
+        stored: dict[str, str] | None = None,
+        scales: dict[str, Scale] | None = None,
+        scale_suffix: str | None = None,
+    ) -> None:
         self.origin = origin
         self._files = files  # key → the file holding it
+        self._stored = stored or {}  # key → its name in the file, where they differ
+        self._scales = scales or {}
+        self.scale_suffix = scale_suffix
 
     def __contains__(self, key: str) -> bool:
         return key in self._files
@@ -30,8 +43,14 @@ class Source:
     def file(self, key: str) -> Path:
         return self._files[key].path
 
+    def stored_key(self, key: str) -> str:
+        return self._stored.get(key, key)
+
     def info(self, key: str) -> TensorInfo:
-        return self._files[key].info(key)
+        return self._files[key].info(self.stored_key(key))
+
+    def scale(self, key: str) -> Scale | None:
+        return self._scales.get(key)
 
 
 def open_file(path: Path) -> Source:

@@ -2,7 +2,8 @@
 
 Weights are random (from ``seed``) over the names and shapes of the real diffusers /
 transformers classes built with small configs; the original layout is written through
-:mod:`wand.wan.original_names`, so both layouts of one seed hold the same weights.
+:mod:`wand.wan.original_names`, so every layout of one seed holds the same weights (the
+single-file ones in 16 bits or fp8, :mod:`wand.wan.tiny_files`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from wand.wan import original_names
+from wand.wan import original_names, tiny_files
 from wand.wan.latents import LATENTS
 from wand.wan.modules import skeleton
 from wand.wan.tasks import (
@@ -53,15 +54,24 @@ def write_tiny(
     task: str,
     layout: str,
     *,
+    quant: str = "none",
     preset: str = "tiny",
     layers: int | None = None,
     t5_layers: int | None = None,
     width: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write a ``task`` checkpoint in ``layout`` into the new folder ``dest``; return it."""
-    if task not in TASKS or layout not in LAYOUTS or preset not in PRESETS:
+    """Write a ``task`` checkpoint in ``layout`` into the new folder ``dest``; return it.
+
+    ``layout`` is a folder layout (``original``, ``diffusers``) or a single-file one
+    (``comfy``, ``kijai``: one file per component, where :func:`tiny_files.file_names`
+    says, with the fp8 encoding ``quant``).
+    """
+    layouts = (*LAYOUTS, *tiny_files.LAYOUTS)
+    if task not in TASKS or layout not in layouts or preset not in PRESETS:
         raise ValueError(f"unknown task/layout/preset {task!r}/{layout!r}/{preset!r}")
+    if quant not in tiny_files.QUANTS or (quant != "none" and layout in LAYOUTS):
+        raise ValueError(f"quant {quant!r} is for the single-file layouts: {tiny_files.QUANTS}")
     base = PRESETS[preset]
     size = Size(layers or base.layers, t5_layers or base.t5_layers, width or base.width)
     if size.width % 8 or size.width < 16:
@@ -72,8 +82,10 @@ def write_tiny(
     models = _models(info, size, seed)
     if layout == "original":
         _write_original(root, info, models)
-    else:
+    elif layout == "diffusers":
         _write_diffusers(root, info, models)
+    else:
+        tiny_files.write(root, info, models, layout, quant)
     return root
 
 
