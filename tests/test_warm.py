@@ -401,3 +401,18 @@ print(os.waitstatus_to_exitcode(status))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "0", out.stderr
+
+
+def test_a_killed_command_takes_its_script_along(warm, tmp_path):
+    """SIGKILL cannot be forwarded: the warm client sees the command's end close and ends
+    the script, as it would have died with a command of its own."""
+    s = script(tmp_path, "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)\n")
+    proc = warm.popen(str(s), stdout=subprocess.PIPE)
+    pid = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    assert warm.run("-c", "print('next')").stdout == "next\n"  # and it serves the next one

@@ -71,12 +71,11 @@ def through_warm(args: argparse.Namespace) -> int | None:
     if prebuilt.launched or args.plain or os.environ.get("WAND_WARM") == "0":
         return None  # in the warm client already, or asked not to
     try:
-        sock = launch.connect(args.endpoint)
-    except (launch.Unavailable, OSError) as e:
+        with launch.connect(args.endpoint) as sock:
+            return launch.run(sock, ["-m", "wanctl", *args.argv], _timings(args))
+    except (launch.Unavailable, OSError) as e:  # (before it started: it runs once)
         print(f"wand: {e}; running without the warm client", file=sys.stderr)
         return None
-    with sock:
-        return launch.run(sock, ["-m", "wanctl", *args.argv], _timings(args))
 
 
 def warm(args: argparse.Namespace) -> int:

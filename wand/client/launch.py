@@ -97,23 +97,28 @@ def run(sock: socket.socket, argv: list[str], timings: dict[str, float] | None =
     if len(data) > MAX_MESSAGE:
         raise Unavailable(f"the environment and arguments are over {MAX_MESSAGE} bytes")
     stdio = [_usable(fd) for fd in (0, 1, 2)]
-    try:
-        socket.send_fds(sock, [data], stdio)
-        reply, fds = receive(sock)
-    finally:
-        for fd, own in zip(stdio, (0, 1, 2), strict=True):
-            if fd != own:
-                os.close(fd)
-    if "error" in reply or not fds:
-        raise Unavailable(str(reply.get("error", "no process")))
-    pidfd = fds[0]
-    with _forwarding(pidfd):
-        while True:
-            message, _ = receive(sock)
+    with _forwarding() as forwarding:  # from now on: a Ctrl-C is the script's, not ours
+        try:
+            socket.send_fds(sock, [data], stdio)
+        except OSError as e:
+            raise Unavailable(f"the warm client did not take the script: {e.strerror}") from None
+        finally:
+            for fd, own in zip(stdio, (0, 1, 2), strict=True):
+                if fd != own:
+                    os.close(fd)
+        while True:  # the script may report its end before the warm client its pid
+            try:
+                message, fds = receive(sock)
+            except OSError:
+                message, fds = {}, []
+            if fds:
+                forwarding.to(fds[0])
             if "exit" in message:
                 return int(message["exit"])
             if "signal" in message:
                 _die_by(int(message["signal"]))
+            if "error" in message or (not message and forwarding.pidfd is None):
+                raise Unavailable(str(message.get("error", "the warm client closed at once")))
             if not message:
                 print(
                     "wand: the warm client and the script are gone; the script's exit status "
@@ -195,10 +200,13 @@ def _umask() -> int:
 
 class _forwarding:
     """While active, the signals a terminal or a supervisor sends this process go to the
-    script's process instead (Ctrl-Z stops both; ``fg`` continues both)."""
+    script's process instead (Ctrl-Z stops both; ``fg`` continues both). Signals that come
+    before the script's process is known wait for it; without one they are this process's
+    again."""
 
-    def __init__(self, pidfd: int) -> None:
-        self.pidfd = pidfd
+    def __init__(self) -> None:
+        self.pidfd: int | None = None
+        self.pending: list[int] = []
         self.saved: dict[int, Any] = {}
 
     def __enter__(self) -> _forwarding:
@@ -207,12 +215,28 @@ class _forwarding:
         self.saved[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._stop)
         return self
 
+    def to(self, pidfd: int) -> None:
+        """The script's process is known: what came meanwhile goes to it."""
+        self.pidfd = pidfd
+        for sig in self.pending:
+            self._send(sig)
+        self.pending.clear()
+
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
-        os.close(self.pidfd)
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        for sig in self.pending:  # no script came: a Ctrl-C meanwhile was meant for us
+            os.kill(os.getpid(), sig)
 
     def _forward(self, sig: int, _frame: object) -> None:
+        if self.pidfd is None:
+            self.pending.append(sig)
+        else:
+            self._send(sig)
+
+    def _send(self, sig: int) -> None:
         try:
             signal.pidfd_send_signal(self.pidfd, sig)
         except ProcessLookupError:
@@ -220,7 +244,8 @@ class _forwarding:
 
     def _stop(self, sig: int, frame: object) -> None:
         self._forward(sig, frame)
-        os.kill(os.getpid(), signal.SIGSTOP)
+        if self.pidfd is not None:
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _die_by(sig: int) -> None:
@@ -244,8 +269,7 @@ def main(
     if os.environ.get("WAND_WARM") == "0":
         os.execv(sys.executable, [sys.executable, *argv])
     try:
-        sock = connect(endpoint)
-    except (Unavailable, OSError) as e:
+        with connect(endpoint) as sock:
+            return run(sock, argv, timings)
+    except (Unavailable, OSError) as e:  # (before the script started: it runs once)
         plain(argv, str(e))
-    with sock:
-        return run(sock, argv, timings)

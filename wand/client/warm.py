@@ -157,6 +157,8 @@ class Warm:
                 elif fd in self.children:
                     self._reap(poller, fd)
                     last_use = time.monotonic()
+                else:
+                    self._launcher_gone(poller, fd)
             now = time.monotonic()
             if not self.children and now - last_use > IDLE_SECONDS:
                 log.info("idle for %.0f s: stopping", now - last_use)
@@ -234,6 +236,18 @@ class Warm:
         poller.register(pidfd, select.POLLIN)
         poller.register(conn, select.POLLIN)  # the launcher's end closing: see _reap
 
+    def _launcher_gone(self, poller: select.poll, conn_fd: int) -> None:
+        """A launcher's end closed before its script ended (it was killed): the script goes
+        with it, as a command's own process would."""
+        poller.unregister(conn_fd)
+        for pidfd, child in self.children.items():
+            if child.conn.fileno() == conn_fd:
+                log.debug("the command of script %d has closed: ending the script", child.pid)
+                try:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def _reap(self, poller: select.poll, pidfd: int) -> None:
         child = self.children.pop(pidfd)
         _, status = os.waitpid(child.pid, 0)
@@ -246,7 +260,10 @@ class Warm:
         except OSError:
             pass
         poller.unregister(pidfd)
-        poller.unregister(child.conn)
+        try:
+            poller.unregister(child.conn)
+        except KeyError:
+            pass  # its launcher went first
         child.conn.close()
         os.close(pidfd)
 
