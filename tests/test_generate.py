@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import warnings
 
 import imageio.v2 as imageio
@@ -419,6 +420,20 @@ def test_token_counts_are_wan22s_seq_len():
         seq_len = math.ceil(height // 8 * (width // 8) / 4 * ((frames - 1) // 4 + 1))
         assert g.tokens(frames, width, height) == seq_len
     assert g.tokens(81, 1280, 720) == 75600
+
+
+def test_limits_hold_where_the_files_cannot_be_read(tiny, start_daemon, tmp_path):
+    """When this process cannot read the checkpoint's files, the rotary table and memory are
+    checked on the attached modules' configs, still before any step."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny(), folder)
+    d = start_daemon(folder).wait_ready()
+    (folder / "high_noise_model" / "config.json").unlink()  # the daemon has read it
+    out = tmp_path / "long.mp4"
+    r = d.wanctl("generate", *TINY, "--frame-num", "100001", "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert "at most 4093 frames (estimated memory: denoising" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
 
 
 # ---- LoRAs by name, as files ------------------------------------------------------------
