@@ -17,14 +17,17 @@ import numpy as np
 import pytest
 import test_pipeline
 import torch
+from conftest import LAYOUT_CASES
 from PIL import Image
 from test_pipeline import image
 
 from wanctl.cli import main
 from wanctl.generate import quiet_libraries
 from wand.client.pipeline import cover_crop, fit_area
-from wand.wan.footprint import Geometry
+from wand.wan import read_checkpoint
+from wand.wan.footprint import Geometry, read_geometry
 from wand.wan.solvers import dpm_solver
+from wand.wan.tasks import TASKS
 from wand.wan.tiny_lora import write_tiny_lora
 
 served = test_pipeline.served  # the fixture: one daemon per task, shared by this module
@@ -420,6 +423,18 @@ def test_token_counts_are_wan22s_seq_len():
         seq_len = math.ceil(height // 8 * (width // 8) / 4 * ((frames - 1) // 4 + 1))
         assert g.tokens(frames, width, height) == seq_len
     assert g.tokens(81, 1280, 720) == 75600
+
+
+@pytest.mark.parametrize(("task", "layout"), LAYOUT_CASES)
+def test_geometry_is_read_as_the_modules_are_built(tiny, task, layout):
+    """read_geometry's quick look at the files gives what read_checkpoint's configs (those the
+    modules are built with) give."""
+    spec = read_checkpoint(tiny(task, layout))
+    expands = spec.extras["expand_timesteps"]
+    configs = (spec.components[TASKS[task].experts[0]].config, spec.components["vae"].config)
+    assert read_geometry(tiny(task, layout), task, layout, expands) == Geometry.of(
+        *configs, expands
+    )
 
 
 def test_limits_hold_where_the_files_cannot_be_read(tiny, start_daemon, tmp_path):

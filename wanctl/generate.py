@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
     from wand.client.connection import Client
     from wand.client.pipeline import VideoPipeline
-    from wand.common.spec import CheckpointSpec
     from wand.wan.footprint import Geometry
 
 __all__ = ["UsageError", "add_parser", "run"]
@@ -113,11 +112,10 @@ def check(args: argparse.Namespace, c: Client) -> Job:
     info = choose(status["checkpoints"], args.task, args.checkpoint, args.ckpt_dir)
     job = plan(args, info, image, seed)
     job.notes = found
-    spec = _spec(info)
-    if spec is not None:
-        job.geometry = spec_geometry(spec, info)
+    job.geometry = _geometry(info)
+    if job.geometry is not None:
         check_room(job, job.geometry, rooms(status, job.checkpoint))
-    check_loras(job.loras, info, spec)
+    check_loras(job.loras, info)
     return job
 
 
@@ -336,24 +334,16 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image: Image | None, se
     )
 
 
-def _spec(info: dict[str, Any]) -> CheckpointSpec | None:
-    """The checkpoint's folder as this process reads it; None where it cannot."""
+def _geometry(info: dict[str, Any]) -> Geometry | None:
+    """The checkpoint's geometry as this process reads its files; None where it cannot."""
     from wand.common.errors import CheckpointError
-    from wand.wan import read_checkpoint
+    from wand.wan.footprint import read_geometry
 
-    try:
-        return read_checkpoint(info["path"], info["task"])
-    except (CheckpointError, OSError):
-        return None
-
-
-def spec_geometry(spec: CheckpointSpec, info: dict[str, Any]) -> Geometry:
-    from wand.wan.footprint import Geometry
-    from wand.wan.tasks import TASKS
-
-    expert = spec.components[TASKS[info["task"]].experts[0]].config
     expands = bool(info["extras"]["expand_timesteps"])
-    return Geometry.of(expert, spec.components["vae"].config, expands)
+    try:
+        return read_geometry(Path(info["path"]), info["task"], info["layout"], expands)
+    except (CheckpointError, OSError, ValueError, KeyError):
+        return None
 
 
 def rooms(status: dict[str, Any], checkpoint: str) -> dict[str, tuple[str, int | None]]:
@@ -492,19 +482,23 @@ def _exists(source: str, held: Collection[str]) -> bool:
     return Path(source).expanduser().exists() or (_word(source) and source in held)
 
 
-def check_loras(loras: list[Lora], info: dict[str, Any], spec: CheckpointSpec | None) -> None:
-    """Each LoRA file fits the experts it goes into, checked on the checkpoint's files
-    (``spec``) before anything is attached. Where this process cannot read them, the loading
-    checks (after attaching)."""
-    from wand.common.errors import LoraError
+def check_loras(loras: list[Lora], info: dict[str, Any]) -> None:
+    """Each LoRA file fits the experts it goes into, checked on the checkpoint's files before
+    anything is attached. Files this process cannot read leave it to the loading."""
+    from wand.common.errors import CheckpointError, LoraError
+    from wand.wan import read_checkpoint
     from wand.wan.lora_keys import EXPERTS, check, describe, read
     from wand.wan.modules import skeleton
     from wand.wan.tasks import TASKS
 
     loras = [x for x in loras if isinstance(x.source, Path)]  # the daemon checked its own
-    if not loras or spec is None:
+    if not loras:
         return
     task = info["task"]
+    try:
+        spec = read_checkpoint(info["path"], task)
+    except (CheckpointError, OSError):
+        return
     experts = dict(zip(EXPERTS["both"], TASKS[task].experts, strict=False))  # by component
     used = {c: spec.components[experts[c]] for lora in loras for c in EXPERTS[lora.expert]}
     models = {c: skeleton(comp.cls, comp.config) for c, comp in used.items()}
