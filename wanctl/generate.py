@@ -129,7 +129,8 @@ def attach(job: Job, c: Client) -> tuple[VideoPipeline, dict[str, float]]:
     attached = time.perf_counter()
     if job.geometry is None:  # the modules' configs, before any step
         p = pipe.pipe
-        g = Geometry.of(dict(p.transformer.config), dict(p.vae.config), _expands(p))
+        expands = bool(p.config.get("expand_timesteps"))
+        g = Geometry.of(dict(p.transformer.config), dict(p.vae.config), expands)
         check_room(job, g, rooms(c.status(), job.checkpoint))
     apply_loras(pipe, job)
     done = time.perf_counter()
@@ -143,10 +144,6 @@ def _scheduler(job: Job) -> dict[str, Any]:
 
         return {"scheduler": dpm_solver(job.call["flow_shift"])}
     return {}
-
-
-def _expands(pipe) -> bool:
-    return bool(pipe.config.get("expand_timesteps"))
 
 
 @contextlib.contextmanager
