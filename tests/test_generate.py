@@ -5,14 +5,29 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import math
 import os
+import re
+import shutil
+import warnings
 
 import imageio.v2 as imageio
+import numpy as np
 import pytest
 import test_pipeline
+import torch
+from conftest import LAYOUT_CASES
+from PIL import Image
 from test_pipeline import image
 
 from wanctl.cli import main
+from wanctl.generate import quiet_libraries
+from wand.client.pipeline import cover_crop, fit_area
+from wand.wan import read_checkpoint
+from wand.wan.footprint import Geometry, read_geometry
+from wand.wan.solvers import dpm_solver
+from wand.wan.tasks import TASKS
 from wand.wan.tiny_lora import write_tiny_lora
 
 served = test_pipeline.served  # the fixture: one daemon per task, shared by this module
@@ -111,8 +126,28 @@ BAD = [
     (["--lora-low", "{tmp}/notes.png"], "notes.png: diffusers cannot read it as a Wan LoRA"),
     (["--lora-high", "{tmp}/five.safetensors"], "does not fit the t2v-A14B high-noise expert"),
     (["--lora", "{tmp}/five.safetensors:2"], "five.safetensors:2: does not fit the t2v-A14B"),
+    (["--lora", "{tmp}/five.safetensors:abc"], "five.safetensors:abc: the scale 'abc' is not a "),
+    (["--lora-low", "{tmp}/five.safetensors:inf"], "SCALE a finite number"),
+    (["--base-seed", str(2**64)], f"--base-seed {2**64}: must be below 2**64"),
+    (
+        ["--frame-num", "100001"],
+        "100001 frames are 25001 latent frames, and the model's rotary "
+        "table covers 1024 (rope_max_seq_len): at most 4093 frames (estimated memory: denoising ",
+    ),
+    (
+        ["--size", "16400*32"],
+        "16400 pixels wide are 1025 patches, and the model's rotary table "
+        "covers 1024 (rope_max_seq_len): at most 16384 pixels",
+    ),
+    (["--size", "4096*4096", "--frame-num", "4093"], "free; fewer frames or a smaller --size"),
+    (["--task", "s2v-14B"], "--task s2v-14B: a Wan2.2 task wand does not serve (it serves "),
+    (["--use_prompt_extend"], "--use-prompt-extend: wand holds no prompt-extension model"),
+    (["--audio", "{tmp}/notes.png"], "--audio: an option of Wan2.2's s2v-14B task, which wand "),
+    (["--replace_flag"], "--replace-flag: an option of Wan2.2's animate-14B task"),
+    (["--ckpt_dir", "{tmp}"], "the daemon holds no checkpoint from that folder (it holds "),
     (["--lora-fuse"], "--lora-fuse: no LoRA given"),
     (["--save-frames", "{tmp}/notes.png/frames"], "notes.png is not a directory"),
+    (["--save-frames", "{tmp}/frames"], "frame_00003.png exists (--overwrite replaces it)"),
     pytest.param(
         ["--save-frames", "{tmp}/readonly/frames"],
         "is not writable",
@@ -130,6 +165,8 @@ def test_bad_option_exits_2_before_writing(served, tmp_path, option, message):
     write_tiny_lora(tmp_path / "five.safetensors", "ti2v-5B", "lightx2v")  # its head is wider
     (tmp_path / "readonly").mkdir(mode=0o500)
     (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "frame_00003.png").write_bytes(b"an earlier run")
     args = [a.format(tmp=tmp_path) for a in option]
     assert message in refused(served("t2v-A14B"), tmp_path, *args)
     assert not (tmp_path / "readonly" / "frames").exists()
@@ -160,3 +197,326 @@ def test_missing_prompt_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--size", "32*32"])
     assert e.value.code == 2 and "--prompt" in capsys.readouterr().err
+
+
+# ---- Wan2.2 generate.py compatibility ---------------------------------------------------
+
+
+MOOT = ["--offload_model", "--t5_cpu", "--convert_model_dtype", "--t5_fsdp", "--dit_fsdp",
+        "--ulysses_size", "--prompt_extend_method", "--prompt_extend_target_lang"]  # fmt: skip
+
+
+def test_a_generate_py_command_line_runs(served, tmp_path):
+    out = tmp_path / "wan.mp4"
+    r = served("t2v-A14B").wanctl(
+        "generate", "--task", "t2v-A14B", "--size", "32*32", "--frame_num", "5",
+        "--sample_steps", "2", "--sample_shift", "8", "--sample_guide_scale", "4",
+        "--base_seed", str(2**64 - 1), "--sample_solver", "unipc", "--prompt", "a cat",
+        "--save_file", str(out), "--offload_model", "True", "--t5_cpu", "--convert_model_dtype",
+        "--t5_fsdp", "--dit_fsdp", "--ulysses_size", "2", "--prompt_extend_method", "local_qwen",
+        "--prompt_extend_target_lang", "en", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert read_mp4(out) == (5, (32, 32), 16.0)
+    report = json.loads(r.stdout)
+    assert (report["seed"], report["steps"], report["solver"]) == (2**64 - 1, 2, "unipc")
+    notes = [line for line in r.stderr.splitlines() if line.startswith("wanctl generate: note:")]
+    said = [re.match(r"wanctl generate: note: --([\w-]+) has no effect: .+", n)[1] for n in notes]
+    assert said == [m.removeprefix("--").replace("_", "-") for m in MOOT]
+
+
+def test_offload_model_takes_generate_pys_booleans(served, tmp_path):
+    r = served("t2v-A14B").wanctl("generate", *TINY, "--offload_model", "perhaps")
+    assert r.returncode == 2
+    assert "--offload-model/--offload_model: Boolean value expected (True/False)" in r.stderr
+
+
+def test_dpm_solver_runs_wan22s_sampling(served, tmp_path):
+    d, frames = served("t2v-A14B"), {}
+    for solver in ("unipc", "dpm++"):
+        r = d.wanctl(
+            "generate", *TINY, "--base-seed", "5", "--sample-solver", solver,
+            "--save-file", str(tmp_path / f"{solver}.mp4"), "--save-frames", str(tmp_path / solver),
+            "--json",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["solver"] == solver
+        frames[solver] = imageio.imread(tmp_path / solver / "frame_00004.png")
+    assert not np.array_equal(frames["unipc"], frames["dpm++"])
+
+
+def wan22_sampling_sigmas(sampling_steps, shift):
+    """wan/utils/fm_solvers.py: get_sampling_sigmas, verbatim."""
+    sigma = np.linspace(1, 0, sampling_steps + 1)[:sampling_steps]
+    sigma = shift * sigma / (1 + (shift - 1) * sigma)
+
+    return sigma
+
+
+@pytest.mark.parametrize(("steps", "shift"), [(1, 5.0), (4, 12.0), (40, 12.0), (50, 5.0)])
+def test_dpm_solver_is_wan22s_scheduler(steps, shift):
+    """Wan2.2's FlowDPMSolverMultistepScheduler: diffusers' DPM-Solver++ (order 2, midpoint,
+    lower order final, final sigma 0, flow prediction) on get_sampling_sigmas' grid."""
+    s = dpm_solver(shift)
+    s.set_timesteps(steps)
+    sigmas = wan22_sampling_sigmas(steps, shift)
+    assert torch.equal(s.sigmas, torch.from_numpy(np.append(sigmas, 0).astype(np.float32)))
+    assert torch.equal(s.timesteps, torch.from_numpy(sigmas * 1000).to(torch.int64))
+    assert s.timesteps[0] == 1000  # diffusers' own flow grid starts at 999
+    c = s.config
+    assert (c.algorithm_type, c.solver_order, c.solver_type, c.prediction_type) == (
+        "dpmsolver++", 2, "midpoint", "flow_prediction",
+    )  # fmt: skip
+    assert c.lower_order_final and c.final_sigmas_type == "zero" and not c.euler_at_final
+    again = type(s).from_config(s.config, flow_shift=shift)  # as a pipeline call re-shifts it
+    again.set_timesteps(steps)
+    assert torch.equal(again.timesteps, s.timesteps)
+
+
+def test_ckpt_dir_picks_the_checkpoint_loaded_from_it(served, tiny, tmp_path):
+    out = tmp_path / "by-dir.mp4"
+    r = served("t2v-A14B").wanctl("generate", *TINY, "--ckpt_dir", str(tiny()), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.exists()
+
+
+def test_out_is_never_replaced_without_overwrite(served, tmp_path):
+    d, out = served("t2v-A14B"), tmp_path / "taken.mp4"
+    out.write_bytes(b"an earlier video")
+    r = d.wanctl("generate", *TINY, "--out", str(out))
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip() == f"wanctl generate: --out {out}: {out} exists (--overwrite replaces it)"
+    )
+    assert out.read_bytes() == b"an earlier video"
+    r = d.wanctl("generate", *TINY, "--out", str(out), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert read_mp4(out) == (5, (32, 32), 16.0)
+
+
+# ---- ti2v-5B sizes as Wan2.2 makes them -------------------------------------------------
+
+
+def wan22_best_output_size(w, h, dw, dh, expected_area):
+    """wan/utils/utils.py: best_output_size, verbatim."""
+    # float output size
+    ratio = w / h
+    ow = (expected_area * ratio) ** 0.5
+    oh = expected_area / ow
+
+    # process width first
+    ow1 = int(ow // dw * dw)
+    oh1 = int(expected_area / ow1 // dh * dh)
+    assert ow1 % dw == 0 and oh1 % dh == 0 and ow1 * oh1 <= expected_area
+    ratio1 = ow1 / oh1
+
+    # process height first
+    oh2 = int(oh // dh * dh)
+    ow2 = int(expected_area / oh2 // dw * dw)
+    assert oh2 % dh == 0 and ow2 % dw == 0 and ow2 * oh2 <= expected_area
+    ratio2 = ow2 / oh2
+
+    # compare ratios
+    if max(ratio / ratio1, ratio1 / ratio) < max(ratio / ratio2, ratio2 / ratio):
+        return ow1, oh1
+    else:
+        return ow2, oh2
+
+
+def wan22_ti2v_image(img, ow, oh):
+    """wan/textimage2video.py (WanTI2V.i2v): the input image resized and centre-cropped."""
+    ih, iw = img.height, img.width
+    scale = max(ow / iw, oh / ih)
+    img = img.resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
+
+    # center-crop
+    x1 = (img.width - ow) // 2
+    y1 = (img.height - oh) // 2
+    img = img.crop((x1, y1, x1 + ow, y1 + oh))
+    assert img.width == ow and img.height == oh
+    return img
+
+
+def wan22_i2v_size(w, h, max_area, vae_stride=8, patch_size=2):
+    """wan/image2video.py (WanI2V.generate): the output size for an image of w x h."""
+    aspect_ratio = h / w
+    lat_h = round(np.sqrt(max_area * aspect_ratio) // vae_stride // patch_size * patch_size)
+    lat_w = round(np.sqrt(max_area / aspect_ratio) // vae_stride // patch_size * patch_size)
+    return lat_w * vae_stride, lat_h * vae_stride
+
+
+AREAS = [64 * 64, 32 * 32, 1280 * 704, 704 * 1280, 480 * 832, 1280 * 720]
+
+
+def image_sizes() -> list[tuple[int, int]]:
+    rng = np.random.default_rng(0)
+    picked = [(160, 90), (1024, 1024), (1920, 1080), (1080, 1920), (48, 40), (1280, 704)]
+    return picked + [tuple(int(v) for v in rng.integers(16, 4096, 2)) for _ in range(300)]
+
+
+def test_ti2v_output_size_is_wan22s():
+    assert fit_area((160, 90), 64 * 64, 32, centre_crop=True) == (64, 64)
+    assert fit_area((1024, 1024), 1280 * 704, 32, centre_crop=True) == (960, 928)
+    for area in AREAS:
+        for w, h in image_sizes():
+            try:
+                expected = wan22_best_output_size(w, h, 32, 32, area)
+            except ZeroDivisionError:  # a ratio beyond area / 32²: one multiple on the short side
+                got = fit_area((w, h), area, 32, centre_crop=True)
+                assert min(got) == 32 and got[0] * got[1] <= max(area, 32 * 32), (w, h, area)
+                continue
+            assert fit_area((w, h), area, 32, centre_crop=True) == expected, (w, h, area)
+
+
+def test_i2v_output_size_is_wan22s():
+    for area in AREAS:
+        for w, h in image_sizes():
+            expected = wan22_i2v_size(w, h, area)
+            if min(expected) > 0:  # Wan2.2 would go on with a side of 0
+                assert fit_area((w, h), area, 16) == expected, (w, h, area)
+
+
+@pytest.mark.parametrize("size", [(160, 90), (90, 160), (1024, 1024), (33, 700)])
+def test_ti2v_image_is_cropped_as_wan22_crops_it(size):
+    pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    for area in (64 * 64, 1280 * 704):
+        ow, oh = fit_area(img.size, area, 32, centre_crop=True)
+        assert np.array_equal(
+            np.asarray(cover_crop(img, (ow, oh))), np.asarray(wan22_ti2v_image(img, ow, oh))
+        )
+
+
+def test_ti2v_image_video_has_wan22s_size(served, tmp_path):
+    picture, out = tmp_path / "wide.png", tmp_path / "wide.mp4"
+    image().resize((160, 90)).save(picture)
+    r = served("ti2v-5B").wanctl(
+        "generate", "--prompt", "a cat", "--size", "64*64", "--frame-num", "5",
+        "--sample-steps", "1", "--image", str(picture), "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert read_mp4(out) == (5, (64, 64), 24.0)  # rounded down each side: 64 x 32
+
+
+def test_pipeline_crops_ti2v_images_when_it_picks_the_size(served):
+    with served("ti2v-5B").connect() as c:
+        vp = c.pipeline()
+        kw = {}
+        got = vp._fill_defaults(vp.image_pipe, kw, image().resize((160, 90)))
+        assert (kw["width"], kw["height"]) == wan22_best_output_size(160, 90, 32, 32, 1280 * 704)
+        assert got.size == (kw["width"], kw["height"])
+        kw = {"width": 64, "height": 32}  # given: diffusers' own resizing, as from_pretrained's
+        assert vp._fill_defaults(vp.image_pipe, kw, image()).size == image().size
+
+
+# ---- the model's limits, memory --------------------------------------------------------
+
+A14B = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824,
+        "patch_size": [1, 2, 2], "rope_max_seq_len": 1024}  # fmt: skip
+WAN21_VAE = {"z_dim": 16, "base_dim": 96, "scale_factor_temporal": 4, "scale_factor_spatial": 8}
+
+
+def test_token_counts_are_wan22s_seq_len():
+    """wan/text2video.py: seq_len = ceil(h/8 * w/8 / (2*2) * ((F-1)/4 + 1))."""
+    g = Geometry.of(A14B, WAN21_VAE, expand_timesteps=False)
+    for width, height, frames in ((1280, 720, 81), (832, 480, 81), (720, 1280, 121), (64, 64, 1)):
+        seq_len = math.ceil(height // 8 * (width // 8) / 4 * ((frames - 1) // 4 + 1))
+        assert g.tokens(frames, width, height) == seq_len
+    assert g.tokens(81, 1280, 720) == 75600
+
+
+@pytest.mark.parametrize(("task", "layout"), LAYOUT_CASES)
+def test_geometry_is_read_as_the_modules_are_built(tiny, task, layout):
+    """read_geometry's quick look at the files gives what read_checkpoint's configs (those the
+    modules are built with) give."""
+    spec = read_checkpoint(tiny(task, layout))
+    expands = spec.extras["expand_timesteps"]
+    configs = (spec.components[TASKS[task].experts[0]].config, spec.components["vae"].config)
+    assert read_geometry(tiny(task, layout), task, layout, expands) == Geometry.of(
+        *configs, expands
+    )
+
+
+def test_limits_hold_where_the_files_cannot_be_read(tiny, start_daemon, tmp_path):
+    """When this process cannot read the checkpoint's files, the rotary table and memory are
+    checked on the attached modules' configs, still before any step."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny(), folder)
+    d = start_daemon(folder).wait_ready()
+    (folder / "high_noise_model" / "config.json").unlink()  # the daemon has read it
+    out = tmp_path / "long.mp4"
+    r = d.wanctl("generate", *TINY, "--frame-num", "100001", "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert "at most 4093 frames (estimated memory: denoising" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+# ---- LoRAs by name, as files ------------------------------------------------------------
+
+
+def test_held_lora_goes_where_a_file_would(served, tmp_path):
+    d = served("t2v-A14B")
+    style = write_tiny_lora(tmp_path / "style.safetensors", "t2v-A14B", "comfy")
+    assert d.wanctl("load-lora", str(style), "--name", "style").returncode == 0  # expert high
+    try:
+        seen = {}
+        for option in ("--lora", "--lora-low"):
+            for kind, lora in (("name", "style:0.7"), ("file", f"{style}:0.7")):
+                folder = tmp_path / f"{option}-{kind}"
+                r = d.wanctl(
+                    "generate", *TINY, "--base-seed", "3", option, lora, "--out",
+                    f"{folder}.mp4", "--save-frames", str(folder), "--json",
+                )  # fmt: skip
+                assert r.returncode == 0, r.stderr
+                assert json.loads(r.stdout)["loras"][0]["expert"] == (
+                    "both" if option == "--lora" else "low"
+                )
+                seen[option, kind] = imageio.imread(folder / "frame_00004.png")
+    finally:
+        assert d.wanctl("unload-lora", "style").returncode == 0
+    for option in ("--lora", "--lora-low"):
+        assert np.array_equal(seen[option, "name"], seen[option, "file"]), option
+    assert not np.array_equal(seen["--lora", "name"], seen["--lora-low", "name"])
+
+
+# ---- what stderr shows -------------------------------------------------------------------
+
+
+def test_stderr_has_the_progress_bar_and_nothing_else(served, tmp_path):
+    picture, out = tmp_path / "first.png", tmp_path / "quiet.mp4"
+    image().save(picture)
+    loras = [
+        write_tiny_lora(tmp_path / f"{s}.safetensors", "i2v-A14B", s) for s in ("comfy", "musubi")
+    ]
+    r = served("i2v-A14B").wanctl(
+        "generate", *TINY, "--image", str(picture), "--out", str(out),
+        "--lora", str(loras[0]), "--lora-high", str(loras[1]),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    shown = [line for line in re.split(r"[\r\n]", r.stderr) if line.strip()]
+    assert shown and all(line.startswith("denoising:") for line in shown), shown
+
+
+def test_quiet_libraries_drops_only_what_wanctl_expects():
+    logger = logging.getLogger("transformers.utils.import_utils")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    notice = "`CLIPImageProcessor` requires torchvision (not installed); falling back"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with quiet_libraries():
+                logger.warning(notice)
+                logger.warning("something else")
+                for module in ("peft.tuners.tuners_utils", "elsewhere"):
+                    warnings.warn_explicit(
+                        "Already found a `peft_config` attribute in the model.",
+                        UserWarning, f"{module}.py", 1, module,
+                    )  # fmt: skip
+        logger.warning(notice)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["something else", notice]
+    assert [w.filename for w in caught] == ["elsewhere.py"]

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors import safe_open
 from test_pipeline import SHIFT, frames, image, reference
 
+from wanctl import generate
 from wanctl.cli import build_parser
-from wanctl.generate import plan
 from wand.common.errors import LoraError
 from wand.wan.lora_keys import check, read
 from wand.wan.modules import skeleton
@@ -282,9 +282,9 @@ def test_wanctl_generate_applies_each_lora_to_its_experts(served, lora, tmp_path
     pngs = sorted((tmp_path / "frames").glob("*.png"))
     written = np.stack([np.asarray(Image.open(p)) for p in pngs])
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args([*argv, "--overwrite"])
     with served.connect() as c:
-        job = plan(args, next(x for x in c.checkpoints() if x["name"] == "t2v-A14B"), None)
+        job = generate.check(args, c)
         vp = c.pipeline("t2v-A14B")
     names = [
         vp.load_lora_weights(comfy, expert="both"),

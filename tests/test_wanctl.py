@@ -179,3 +179,27 @@ def test_make_tiny_writes_the_preset_asked_for(tmp_path):
         * spec.components["high_noise_model"].config["attention_head_dim"]
         == 16
     )
+
+
+def test_make_tiny_lora_writes_what_write_tiny_lora_writes(tiny, tmp_path):
+    from wand.wan.tiny_lora import write_tiny_lora
+
+    dest = tmp_path / "low.safetensors"
+    args = ("make-tiny-lora", str(dest), "--checkpoint", str(tiny()), "--style", "musubi")
+    out = run_wanctl(*args, "--expert", "low_noise_model", "--rank", "2", "--seed", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["path"] == str(dest)
+    expected = write_tiny_lora(
+        tmp_path / "expected.safetensors",
+        tiny(),
+        "musubi",
+        expert="low_noise_model",
+        rank=2,
+        seed=3,
+    )
+    assert dest.read_bytes() == expected.read_bytes()
+    again = run_wanctl(*args)
+    assert again.returncode == 2 and f"{dest} exists" in again.stderr
+    wrong = run_wanctl("make-tiny-lora", str(tmp_path / "x"), "--expert", "model")
+    assert wrong.returncode == 2 and "t2v-A14B has no expert 'model'" in wrong.stderr
+    assert not (tmp_path / "x").exists()

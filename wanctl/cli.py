@@ -131,6 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, help="transformer layers (40 = the real tensor count)")
     tiny.add_argument("--width", type=int, help="transformer width and T5 d_model (multiple of 8)")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny_lora = sub.add_parser(
+        "make-tiny-lora",
+        parents=[common],
+        help="write a tiny LoRA for a tiny checkpoint, in one of the key styles found in the wild",
+        description="Write a LoRA with random weights shaped for one expert of a checkpoint, "
+        "in a key style diffusers reads: diffusers (peft names), comfy (ComfyUI/Kijai), "
+        "musubi (musubi-tuner), lightx2v (the distilled few-step releases).",
+    )
+    tiny_lora.add_argument("dest", type=Path, help="the .safetensors file to create")
+    tiny_lora.add_argument(
+        "--checkpoint",
+        default="t2v-A14B",
+        help="a checkpoint folder, or a task for make-tiny's shapes (default t2v-A14B)",
+    )
+    tiny_lora.add_argument("--style", default="diffusers", help="(default diffusers)")
+    tiny_lora.add_argument("--expert", help="the component it is for (default: the first expert)")
+    tiny_lora.add_argument("--rank", type=int, default=4)
+    tiny_lora.add_argument("--seed", type=int, default=0)
     units.add_parser(sub, common)
     manage.add_parsers(sub, common)
     run.add_parsers(sub, common)
@@ -266,6 +284,32 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return exits.OK
 
 
+def _make_tiny_lora(args: argparse.Namespace) -> int:
+    from wand.wan.tiny_lora import write_tiny_lora
+
+    if args.dest.exists():
+        print(f"wanctl make-tiny-lora: {args.dest} exists", file=sys.stderr)
+        return exits.USAGE
+    try:
+        path = write_tiny_lora(
+            args.dest,
+            args.checkpoint,
+            args.style,
+            expert=args.expert,
+            rank=args.rank,
+            seed=args.seed,
+        )
+    except ValueError as e:  # an unknown style, an expert the checkpoint does not have
+        print(f"wanctl make-tiny-lora: {e}", file=sys.stderr)
+        return exits.USAGE
+    print(
+        json.dumps({"path": str(path)})
+        if args.json
+        else f"wrote a {args.style} LoRA for {args.checkpoint} to {path}"
+    )
+    return exits.OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": _daemon("status", _render("status")),
     "ls": _daemon("list", lambda r: _render("components")(r["components"])),
@@ -277,6 +321,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chaos": _chaos,
     "generate": generate.run,
     "make-tiny": _make_tiny,
+    "make-tiny-lora": _make_tiny_lora,
     "install-units": units.run,
     "load": manage.load,
     "unload": manage.unload,

@@ -1,108 +1,62 @@
 """``wanctl generate``: one video from the resident checkpoint, with Wan2.2 generate.py's options.
 
-Every option is checked before anything is attached or written; a bad one exits 2.
+:func:`check` turns the options into a checked :class:`Job`: every option is checked before
+anything is attached or written, and a bad one exits 2. :func:`attach` builds the pipeline for
+it, :func:`generate` makes the video.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import random
 import re
 import sys
 import time
-from collections.abc import Collection
-from dataclasses import dataclass
+import warnings
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wanctl import exits
+from wanctl.generate_args import OTHER_TASKS, UsageError, add_parser, notes, served
+from wanctl.render import size as human
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from wand.client.connection import Client
+    from wand.client.pipeline import VideoPipeline
+    from wand.wan.footprint import Geometry
+
+__all__ = ["UsageError", "add_parser", "run"]
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
-
-class UsageError(Exception):
-    pass
-
-
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "generate",
-        parents=[common],
-        help="generate a video with the resident checkpoint",
-        description="Generate one video with the checkpoint the daemon holds. Options left out "
-        "take the original Wan2.2 release's defaults for the task.",
-    )
-    p.add_argument("--task", help="t2v-A14B, i2v-A14B or ti2v-5B (default: the loaded one)")
-    p.add_argument(
-        "--checkpoint",
-        metavar="NAME",
-        help="the loaded checkpoint to use when the daemon holds several (see wanctl status)",
-    )
-    p.add_argument("--prompt", required=True)
-    p.add_argument(
-        "--plain", action="store_true", help="run in this process, not in the warm client"
-    )
-    p.add_argument("--negative-prompt", help="default: Wan2.2's (Chinese) negative prompt")
-    p.add_argument("--image", type=Path, help="first frame: required for i2v, optional for ti2v")
-    p.add_argument(
-        "--size",
-        help="WIDTH*HEIGHT (default 1280*720; ti2v 1280*704); with --image, the area to fill "
-        "at the image's aspect ratio",
-    )
-    p.add_argument("--frame-num", type=int, help="frames, 4k+1 (default 81; ti2v 121)")
-    p.add_argument("--sample-steps", type=int, help="denoising steps (default 40; ti2v 50)")
-    p.add_argument("--sample-shift", type=float, help="flow shift (default 12 t2v, 5 i2v/ti2v)")
-    p.add_argument(
-        "--sample-guide-scale",
-        help="classifier-free guidance: one value for every expert, or HIGH,LOW for the "
-        "high-noise and low-noise experts (default 4,3 t2v; 3.5 i2v; 5 ti2v)",
-    )
-    p.add_argument("--base-seed", type=int, default=-1, help="noise seed (default: random)")
-    p.add_argument("--out", type=Path, help="MP4 file to write (default: TASK-WxH-TIME.mp4)")
-    p.add_argument("--save-frames", type=Path, metavar="DIR", help="also write PNG frames here")
-    lora = "PATH[:SCALE]"
-    p.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar=lora,
-        help="apply a LoRA file at SCALE (default 1): to both experts of an A14B checkpoint, "
-        "to the model of ti2v-5B; repeatable",
-    )
-    p.add_argument(
-        "--lora-high",
-        action="append",
-        default=[],
-        metavar=lora,
-        help="a LoRA for the high-noise expert only (A14B: the HIGH file of a pair)",
-    )
-    p.add_argument(
-        "--lora-low",
-        action="append",
-        default=[],
-        metavar=lora,
-        help="a LoRA for the low-noise expert only (A14B: the LOW file of a pair)",
-    )
-    p.add_argument(
-        "--lora-fuse",
-        action="store_true",
-        help="fuse the LoRAs into private copies of the layers they change before generating",
-    )
+SEEDS = 2**64  # torch's generators take seeds below this
+# library notices that wanctl generate's own use of the libraries triggers: (logger, message)
+NOTICES = [
+    # diffusers' image-to-video pipeline imports CLIPImageProcessor; wand uses no image encoder
+    ("transformers.utils.import_utils", "`CLIPImageProcessor` requires torchvision"),
+]
+# (module, message) of warnings wanctl generate expects: several LoRAs are several adapters
+EXPECTED_WARNINGS = [("peft\\.tuners", "Already found a `peft_config` attribute")]
 
 
 @dataclass(frozen=True)
 class Lora:
     """One LoRA option: the file (or the name of a LoRA the daemon holds), its scale and the
-    experts it goes into (None: where the daemon's LoRA goes by default)."""
+    experts it goes into."""
 
     option: str  # "--lora", "--lora-high", "--lora-low"
     text: str  # as given
     source: Path | str  # a file, or the name of a LoRA the daemon holds
     scale: float
-    expert: str | None  # "high", "low" or "both" (wand.wan.lora_keys.EXPERTS)
+    expert: str  # "high", "low" or "both" (wand.wan.lora_keys.EXPERTS)
 
 
 @dataclass
@@ -112,49 +66,115 @@ class Job:
     checkpoint: str
     task: str
     prompt: str
+    image: Image | None  # the first frame, as the model gets it (ti2v-5B: cropped)
     call: dict[str, Any]  # keyword arguments of the pipeline call
+    solver: str  # "unipc" or "dpm++"
     out: Path
     frames_dir: Path | None
     fps: int
     seed: int
     loras: list[Lora]
     fuse: bool  # fuse the LoRAs before generating
+    notes: list[str] = field(default_factory=list)  # options without effect, and why
+    geometry: Geometry | None = None  # None: this process cannot read the checkpoint's files
 
 
 def run(args: argparse.Namespace) -> int:
     from wand.client.connection import Client
 
     try:
-        check_task(args.task)
-        check_paths(args)
-        image = read_image(args.image) if args.image else None
-        with Client(args.endpoint, timeout=args.timeout, name="wanctl-generate") as c:
-            info = choose(c.checkpoints(), args.task, args.checkpoint)
-            job = plan(args, info, image)
-            _import_libraries()
-            check_loras(job.loras, info)
-            start = time.perf_counter()
-            pipe = c.pipeline(job.checkpoint)
-            attach = time.perf_counter() - start
-            apply_loras(pipe, job)
-            lora = time.perf_counter() - start - attach
+        with (
+            quiet_libraries(),
+            Client(args.endpoint, timeout=args.timeout, name="wanctl-generate") as c,
+        ):
+            job = check(args, c)
+            for note in job.notes:
+                print(f"wanctl generate: note: {note}", file=sys.stderr)
+            pipe, seconds = attach(job, c)
+            report = generate(pipe, job)
     except UsageError as e:
         print(f"wanctl generate: {e}", file=sys.stderr)
         return exits.USAGE
-    report = generate(pipe, job, image)
-    report.update(attach_seconds=attach, lora_seconds=lora)
+    report.update(seconds)
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return exits.OK
 
 
-def _import_libraries() -> None:
-    """Import diffusers' pipelines before attach is timed, without their notices on stderr
-    (which is for the progress bar)."""
-    import diffusers
-    import transformers
+def check(args: argparse.Namespace, c: Client) -> Job:
+    """The options as a :class:`Job`, every one checked against the daemon's checkpoint and
+    this machine; nothing is attached or written. A bad option raises :class:`UsageError`."""
+    found = notes(args)
+    check_task(args.task)
+    check_paths(args)
+    seed = base_seed(args.base_seed)
+    image = read_image(args.image) if args.image else None
+    status = c.status()
+    info = choose(status["checkpoints"], args.task, args.checkpoint, args.ckpt_dir)
+    job = plan(args, info, image, seed)
+    job.notes = found
+    job.geometry = _geometry(info)
+    if job.geometry is not None:
+        check_room(job, job.geometry, rooms(status, job.checkpoint))
+    check_loras(job.loras, info)
+    return job
 
-    diffusers.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
+
+def attach(job: Job, c: Client) -> tuple[VideoPipeline, dict[str, float]]:
+    """The pipeline for ``job``, its LoRAs loaded; seconds it took to attach and to load them."""
+    from wand.wan.footprint import Geometry
+
+    _import_libraries()
+    start = time.perf_counter()
+    pipe = c.pipeline(job.checkpoint, **_scheduler(job))
+    attached = time.perf_counter()
+    if job.geometry is None:  # the modules' configs, before any step
+        p = pipe.pipe
+        expands = bool(p.config.get("expand_timesteps"))
+        g = Geometry.of(dict(p.transformer.config), dict(p.vae.config), expands)
+        check_room(job, g, rooms(c.status(), job.checkpoint))
+    apply_loras(pipe, job)
+    done = time.perf_counter()
+    return pipe, {"attach_seconds": attached - start, "lora_seconds": done - attached}
+
+
+def _scheduler(job: Job) -> dict[str, Any]:
+    """The pipeline's scheduler when it is not the checkpoint's UniPC."""
+    if job.solver == "dpm++":
+        from wand.wan.solvers import dpm_solver
+
+        return {"scheduler": dpm_solver(job.call["flow_shift"])}
+    return {}
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Keep out of stderr (which is for notes and the progress bar) the notices the libraries
+    print for what wanctl generate does on purpose (:data:`NOTICES`,
+    :data:`EXPECTED_WARNINGS`), and nothing else."""
+    drops = [(logging.getLogger(name), _Drop(text)) for name, text in NOTICES]
+    for logger, drop in drops:
+        logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            for module, text in EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", re.escape(text), UserWarning, module)
+            yield
+    finally:
+        for logger, drop in drops:
+            logger.removeFilter(drop)
+
+
+class _Drop(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _import_libraries() -> None:
+    """Import diffusers' pipelines before attach is timed."""
     from diffusers import WanImageToVideoPipeline, WanPipeline  # noqa: F401
 
 
@@ -172,6 +192,15 @@ def check_paths(args: argparse.Namespace) -> None:
             raise UsageError(f"--save-frames {args.save_frames}: not a directory")
         existing = args.save_frames if args.save_frames.exists() else args.save_frames.parent
         _writable_dir(existing, f"--save-frames {args.save_frames}")
+        earlier = args.save_frames.is_dir() and next(args.save_frames.glob("frame_*.png"), None)
+        if earlier:  # frames of an earlier video
+            _new(earlier, f"--save-frames {args.save_frames}", args.overwrite)
+
+
+def _new(path: Path, what: str, overwrite: bool) -> None:
+    """Refuse to replace ``path`` unless asked to (``--overwrite``)."""
+    if not overwrite and path.exists():
+        raise UsageError(f"{what}: {path} exists (--overwrite replaces it)")
 
 
 def _writable_dir(folder: Path, what: str) -> None:
@@ -196,19 +225,35 @@ def read_image(path: Path):
 def check_task(task: str | None) -> None:
     from wand.wan.tasks import TASKS
 
+    if task in OTHER_TASKS:
+        raise UsageError(f"--task {task}: a Wan2.2 task wand does not serve (it serves {served()})")
     if task is not None and task not in TASKS:
-        raise UsageError(f"--task {task}: unknown task; known: {', '.join(TASKS)}")
+        raise UsageError(f"--task {task}: unknown task; known: {served()}")
 
 
 def choose(
-    checkpoints: list[dict[str, Any]], task: str | None, name: str | None = None
+    checkpoints: list[dict[str, Any]],
+    task: str | None,
+    name: str | None = None,
+    folder: Path | None = None,
 ) -> dict[str, Any]:
-    """The loaded checkpoint called ``name``, else the one for ``task`` (any, when there is
-    only one)."""
+    """The loaded checkpoint called ``name`` or loaded from ``folder``, else the one for
+    ``task`` (any, when there is only one)."""
     if not checkpoints:
         raise UsageError("the daemon holds no checkpoint (load one with wanctl load PATH)")
     held = ", ".join(f"{c['name']} ({c['task']})" for c in checkpoints)
-    found = [c for c in checkpoints if name in (None, c["name"]) and task in (None, c["task"])]
+    found = [
+        c
+        for c in checkpoints
+        if name in (None, c["name"])
+        and task in (None, c["task"])
+        and (folder is None or os.path.realpath(folder) == os.path.realpath(c["path"]))
+    ]
+    if not found and folder is not None:
+        raise UsageError(
+            f"--ckpt-dir {folder}: the daemon holds no checkpoint from that folder (it holds "
+            f"{held}; wanctl load {folder} loads it)"
+        )
     if not found and name is not None:
         raise UsageError(f"--checkpoint {name}: the daemon holds {held}")
     if not found:
@@ -218,8 +263,17 @@ def choose(
     return found[0]
 
 
-def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
-    from wand.client.pipeline import fit_area, image_modes
+def base_seed(seed: int) -> int:
+    """generate.py's: a negative seed is a random one in [0, sys.maxsize]."""
+    if seed >= SEEDS:
+        raise UsageError(
+            f"--base-seed {seed}: must be below 2**64 (torch's generators take 64 bits)"
+        )
+    return seed if seed >= 0 else random.randint(0, sys.maxsize)
+
+
+def plan(args: argparse.Namespace, info: dict[str, Any], image: Image | None, seed: int) -> Job:
+    from wand.client.pipeline import cover_crop, fit_area, image_modes
     from wand.wan.sampling import NEGATIVE_PROMPT, SAMPLING
 
     task = info["task"]
@@ -231,7 +285,9 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
     if image is None and not from_text:
         raise UsageError(f"{task} needs --image")
     if image is not None:
-        width, height = fit_area(image.size, width * height, s.multiple)
+        crop = bool(info["extras"]["expand_timesteps"])  # ti2v-5B's textimage2video.py
+        width, height = fit_area(image.size, width * height, s.multiple, crop)
+        image = cover_crop(image, (width, height)) if crop else image
     frames = s.frames if args.frame_num is None else args.frame_num
     if frames < 1 or (frames - 1) % 4:
         raise UsageError(f"--frame-num {frames}: must be 4k+1 (1, 5, 9, ... 81, ...)")
@@ -242,7 +298,6 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
     if shift <= 0:
         raise UsageError(f"--sample-shift {shift}: must be positive")
     guidance = _guidance(args.sample_guide_scale, task, len(s.guidance)) or s.guidance
-    seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**63 - 1)
     call = {
         "negative_prompt": NEGATIVE_PROMPT
         if args.negative_prompt is None
@@ -256,6 +311,7 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
         **({"guidance_scale_2": guidance[-1]} if len(s.guidance) > 1 else {}),
     }
     out = args.out or Path(f"{task}-{width}x{height}-{time.strftime('%Y%m%d-%H%M%S')}.mp4")
+    _new(out, f"--out {out}", args.overwrite)
     loras = plan_loras(args, task, info.get("loras", {}))
     if args.lora_fuse and not loras:
         raise UsageError("--lora-fuse: no LoRA given")
@@ -263,7 +319,9 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
         checkpoint=info["name"],
         task=task,
         prompt=args.prompt,
+        image=image,
         call=call,
+        solver=args.sample_solver,
         out=out,
         frames_dir=args.save_frames,
         fps=s.fps,
@@ -271,6 +329,68 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image) -> Job:
         loras=loras,
         fuse=args.lora_fuse,
     )
+
+
+def _geometry(info: dict[str, Any]) -> Geometry | None:
+    """The checkpoint's geometry as this process reads its files; None where it cannot."""
+    from wand.common.errors import CheckpointError
+    from wand.wan.footprint import read_geometry
+
+    expands = bool(info["extras"]["expand_timesteps"])
+    try:
+        return read_geometry(Path(info["path"]), info["task"], info["layout"], expands)
+    except (CheckpointError, OSError, ValueError, KeyError):
+        return None
+
+
+def rooms(status: dict[str, Any], checkpoint: str) -> dict[str, tuple[str, int | None]]:
+    """Per phase of a generation (:func:`wand.wan.footprint.phases`), the device it runs on
+    and the memory free there (None: unknown): the experts', the VAE's, the CPU."""
+    from wand.slabs.memfd import available_memory
+    from wand.wan.tasks import TASKS
+
+    info = next(c for c in status["checkpoints"] if c["name"] == checkpoint)
+    comps = {c["name"]: c for c in status["components"]}
+    free = {g["uuid"]: g.get("free_bytes") for g in status.get("gpus", [])}
+    cpu = ("cpu", available_memory())
+
+    def room(component: str) -> tuple[str, int | None]:
+        c = comps.get(info["components"][component], {})
+        return (c["device"], free.get(c["uuid"])) if c.get("uuid") else cpu
+
+    return {"denoise": room(TASKS[info["task"]].experts[0]), "decode": room("vae"), "frames": cpu}
+
+
+PHASES = {"denoise": "denoising", "decode": "decoding", "frames": "making frames"}
+
+
+def check_room(job: Job, g: Geometry, room: dict[str, tuple[str, int | None]]) -> None:
+    """The video fits the model's rotary table, and each phase the memory free where it
+    runs (by :func:`wand.wan.footprint.phases`' estimate, which the message spells out)."""
+    from wand.wan.footprint import beyond_rope, phases
+
+    frames, width, height = (job.call[k] for k in ("num_frames", "width", "height"))
+    what = f"--frame-num {frames} --size {width}*{height}"
+    need = phases(g, frames, width, height)
+    tokens = g.tokens(frames, width, height)
+    estimate = "; ".join(
+        f"{PHASES[phase]} {human(sum(parts.values()))} on {room[phase][0]} ("
+        + ", ".join(f"{part} {human(n)}" for part, n in parts.items())
+        + (f" for {tokens} tokens" if phase == "denoise" else "")
+        + ")"
+        for phase, parts in need.items()
+    )
+    why = beyond_rope(g, frames, width, height)
+    if why is not None:
+        raise UsageError(f"{what}: {why} (estimated memory: {estimate})")
+    for phase, parts in need.items():
+        device, free = room[phase]
+        if free is not None and sum(parts.values()) > free:
+            raise UsageError(
+                f"{what}: {PHASES[phase]} needs about {human(sum(parts.values()))} on {device}, "
+                f"{human(free)} free; fewer frames or a smaller --size (estimated memory: "
+                f"{estimate})"
+            )
 
 
 def _size(text: str, multiple: int) -> tuple[int, int]:
@@ -299,9 +419,9 @@ def _guidance(text: str | None, task: str, experts: int) -> tuple[float, ...] | 
 
 
 def plan_loras(args: argparse.Namespace, task: str, held: Collection[str] = ()) -> list[Lora]:
-    """The LoRA options, each file found or named among the daemon's LoRAs (``held``):
-    ``--lora FILE`` goes into every expert of the task, ``--lora NAME`` where the daemon's
-    LoRA goes by default."""
+    """The LoRA options, each a file or the name of one of the daemon's LoRAs (``held``):
+    ``--lora`` goes into every expert of the task, ``--lora-high`` / ``--lora-low`` into
+    one, files and names alike."""
     from wand.wan.tasks import TASKS
 
     one_model = len(TASKS[task].experts) == 1
@@ -312,37 +432,55 @@ def plan_loras(args: argparse.Namespace, task: str, held: Collection[str] = ()) 
         for text in texts:
             if one_model and option != "--lora":
                 raise UsageError(f"{option} {text}: {task} has one model; use --lora")
-            source, scale = parse_lora(text, held)
-            named = isinstance(source, str) and option == "--lora"
-            loras.append(Lora(option, text, source, scale, None if named else expert))
+            source, scale = parse_lora(option, text, held)
+            loras.append(Lora(option, text, source, scale, expert))
     return loras
 
 
-def parse_lora(text: str, held: Collection[str]) -> tuple[Path | str, float]:
+def parse_lora(option: str, text: str, held: Collection[str]) -> tuple[Path | str, float]:
     """``PATH[:SCALE]`` or ``NAME[:SCALE]`` → (the file or the name, the scale); a bare word
     (no ``/``, no file suffix) that is no file here may name a LoRA the daemon holds."""
-    source, _, tail = text.rpartition(":")
-    try:
-        scale = float(tail)
-    except ValueError:
-        source, scale = text, 1.0
-    if not source or not math.isfinite(scale):
-        raise UsageError(f"{text}: expected PATH[:SCALE]")
+    source, scale = _split_scale(option, text, held)
     path = Path(source).expanduser()
     if path.is_file():
         return path, scale
     if path.exists():
-        raise UsageError(f"{text}: {path} is not a file")
-    word = "/" not in source and not source.endswith(LORA_SUFFIXES)
+        raise UsageError(f"{option} {text}: {path} is not a file")
+    word = _word(source)
     if word and source in held:
         return source, scale
     names = f" (it holds {', '.join(sorted(held))})" if held else ""
     why = f", and the daemon holds no LoRA named {source!r}{names}" if word else ""
-    raise UsageError(f"{text}: no such file{why}")
+    raise UsageError(f"{option} {text}: no such file{why}")
+
+
+def _split_scale(option: str, text: str, held: Collection[str]) -> tuple[str, float]:
+    """``SOURCE:SCALE`` → (SOURCE, SCALE); without a number after the last colon, the whole
+    text is the source, unless what comes before it is a file or a held LoRA."""
+    source, colon, tail = text.rpartition(":")
+    try:
+        scale = float(tail) if colon else None
+    except ValueError:
+        if _exists(source, held):
+            raise UsageError(f"{option} {text}: the scale {tail!r} is not a number") from None
+        scale = None
+    if scale is None:
+        return text, 1.0
+    if not source or not math.isfinite(scale):
+        raise UsageError(f"{option} {text}: expected PATH[:SCALE], SCALE a finite number")
+    return source, scale
+
+
+def _word(source: str) -> bool:
+    return "/" not in source and not source.endswith(LORA_SUFFIXES)
+
+
+def _exists(source: str, held: Collection[str]) -> bool:
+    return Path(source).expanduser().exists() or (_word(source) and source in held)
 
 
 def check_loras(loras: list[Lora], info: dict[str, Any]) -> None:
-    """Each LoRA fits the experts it goes into, checked on the checkpoint's files before
+    """Each LoRA file fits the experts it goes into, checked on the checkpoint's files before
     anything is attached. Files this process cannot read leave it to the loading."""
     from wand.common.errors import CheckpointError, LoraError
     from wand.wan import read_checkpoint
@@ -385,13 +523,13 @@ def apply_loras(pipe, job: Job) -> None:
         pipe.fuse_lora()
 
 
-def generate(pipe, job: Job, image) -> dict[str, Any]:
+def generate(pipe, job: Job) -> dict[str, Any]:
     import torch
     from diffusers.utils import export_to_video
 
     pipe.set_progress_bar_config(desc="denoising", file=sys.stderr)
     generator = torch.Generator().manual_seed(job.seed)
-    frames = pipe(job.prompt, image=image, generator=generator, **job.call).frames[0]
+    frames = pipe(job.prompt, image=job.image, generator=generator, **job.call).frames[0]
     start = time.perf_counter()
     export_to_video(list(frames), str(job.out), fps=job.fps)
     if job.frames_dir is not None:
@@ -407,6 +545,7 @@ def generate(pipe, job: Job, image) -> dict[str, Any]:
         "frames": len(frames),
         "fps": job.fps,
         "steps": job.call["num_inference_steps"],
+        "solver": job.solver,
         "seed": job.seed,
         "loras": [
             {"source": str(lora.source), "scale": lora.scale, "expert": lora.expert}

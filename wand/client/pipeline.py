@@ -54,13 +54,57 @@ def image_modes(extras: dict[str, Any]) -> tuple[bool, bool]:
     return not image_only, image_only or bool(extras["expand_timesteps"])
 
 
-def fit_area(image_size: tuple[int, int], area: int, multiple: int) -> tuple[int, int]:
-    """(width, height) of about ``area`` pixels with the image's aspect ratio, each rounded
-    down to ``multiple``: how Wan2.2 sizes image-to-video output (``--size`` is an area)."""
+def fit_area(
+    image_size: tuple[int, int], area: int, multiple: int, centre_crop: bool = False
+) -> tuple[int, int]:
+    """(width, height) of an image-to-video output of about ``area`` pixels with the image's
+    aspect ratio, as Wan2.2 sizes it (``--size`` is an area), never under one ``multiple``:
+
+    - i2v-A14B (``image2video.py``): each side rounded down to ``multiple``; the image is
+      then resized to it.
+    - ti2v-5B (``centre_crop``; ``textimage2video.py``): ``best_output_size``, the better
+      ratio of rounding the width first or the height first; the image then covers it and is
+      centre-cropped (:func:`cover_crop`).
+    """
     w, h = image_size
+    if centre_crop:
+        return _best_output_size(w, h, area, multiple)
     width = int(math.sqrt(area * w / h)) // multiple * multiple
     height = int(math.sqrt(area * h / w)) // multiple * multiple
     return max(width, multiple), max(height, multiple)
+
+
+def _best_output_size(w: int, h: int, area: int, multiple: int) -> tuple[int, int]:
+    """Wan2.2's ``best_output_size`` (``wan/utils/utils.py``), the same float arithmetic.
+    Where a rounding leaves a side at 0 (a ratio beyond area / multiple²; Wan2.2 divides by
+    zero) that candidate is dropped; with none left, the short side gets one ``multiple``."""
+    ratio = w / h
+    ow = (area * ratio) ** 0.5
+    oh = area / ow
+    candidates = []  # height first, then width first: Wan2.2 prefers the former on a tie
+    if oh2 := int(oh // multiple * multiple):
+        candidates.append((int(area / oh2 // multiple * multiple), oh2))
+    if ow1 := int(ow // multiple * multiple):
+        candidates.append((ow1, int(area / ow1 // multiple * multiple)))
+    candidates = [(cw, ch) for cw, ch in candidates if cw and ch]
+    if not candidates:
+        long = max(int(area / multiple // multiple * multiple), multiple)
+        return (long, multiple) if w >= h else (multiple, long)
+    return min(candidates, key=lambda c: max(ratio / (c[0] / c[1]), c[0] / c[1] / ratio))
+
+
+def cover_crop(image: Image, size: tuple[int, int]) -> Image:
+    """ti2v-5B's input image for an output of ``size`` (``textimage2video.py``): scaled
+    (Lanczos) to cover it, then its centre cut out."""
+    from PIL.Image import Resampling
+
+    ow, oh = size
+    scale = max(ow / image.width, oh / image.height)
+    image = image.resize(
+        (round(image.width * scale), round(image.height * scale)), Resampling.LANCZOS
+    )
+    x1, y1 = (image.width - ow) // 2, (image.height - oh) // 2
+    return image.crop((x1, y1, x1 + ow, y1 + oh))
 
 
 class Modules(Protocol):
@@ -182,7 +226,7 @@ class VideoPipeline(LoraMixin):
             pipe.scheduler = type(pipe.scheduler).from_config(
                 pipe.scheduler.config, flow_shift=shift
             )
-        self._fill_defaults(pipe, kw, image)
+        image = self._fill_defaults(pipe, kw, image)
         if "prompt_embeds" not in kw and prompt is not None:
             embeds = self.embeddings(
                 prompt, kw.pop("negative_prompt"), kw.get("max_sequence_length", 512)
@@ -229,7 +273,9 @@ class VideoPipeline(LoraMixin):
             raise ValueError(f"{self.task} {need} an input image")
         return pipe
 
-    def _fill_defaults(self, pipe, kw: dict[str, Any], image: Image | None) -> None:
+    def _fill_defaults(self, pipe, kw: dict[str, Any], image: Image | None) -> Image | None:
+        """Fill in the Wan2.2 defaults; the input image to use (ti2v-5B's is cropped to the
+        size it chose)."""
         s = self.sampling
         kw.setdefault("negative_prompt", NEGATIVE_PROMPT)
         kw.setdefault("num_inference_steps", s.steps)
@@ -241,8 +287,11 @@ class VideoPipeline(LoraMixin):
         if "height" not in kw and "width" not in kw:
             width, height = s.size
             if image is not None:
-                width, height = fit_area(image.size, width * height, s.multiple)
+                crop = bool(pipe.config.get("expand_timesteps"))
+                width, height = fit_area(image.size, width * height, s.multiple, crop)
+                image = cover_crop(image, (width, height)) if crop else image
             kw.update(width=width, height=height)
+        return image
 
     def _on_forward(self, module: torch.nn.Module, args: Any) -> None:
         if "first_step" not in self._marks:
