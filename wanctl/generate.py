@@ -80,24 +80,83 @@ class Job:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wand.client.connection import Client
-
+    marks = launch_marks(args)
     try:
-        with (
-            quiet_libraries(),
-            Client(args.endpoint, timeout=args.timeout, name="wanctl-generate") as c,
-        ):
-            job = check(args, c)
-            for note in job.notes:
-                print(f"wanctl generate: note: {note}", file=sys.stderr)
-            pipe, seconds = attach(job, c)
-            report = generate(pipe, job)
+        with quiet_libraries():
+            _import_libraries()
+            marks["imported"] = time.time()
+            from wand.client.connection import Client
+
+            with Client(args.endpoint, timeout=args.timeout, name="wanctl-generate") as c:
+                marks["connected"] = time.time()
+                job = check(args, c)
+                marks["checked"] = time.time()
+                for note in job.notes:
+                    print(f"wanctl generate: note: {note}", file=sys.stderr)
+                pipe, seconds = attach(job, c)
+                marks["attached"] = time.time()
+                report = generate(pipe, job)
     except UsageError as e:
         print(f"wanctl generate: {e}", file=sys.stderr)
         return exits.USAGE
-    report.update(seconds)
+    report.update(seconds, timeline=timeline(marks, pipe.timings))
+    if args.timings:
+        print(render_timeline(report["timeline"]), file=sys.stderr)
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return exits.OK
+
+
+def launch_marks(args: argparse.Namespace) -> dict[str, float]:
+    """When this command started and reached its main (the command's own process; through the
+    warm client, when the warm client forked the process that runs it)."""
+    from wand.client import prebuilt
+
+    if prebuilt.launched:
+        return {k: prebuilt.launched[k] for k in ("started", "main", "forked")}
+    return {"started": args.started, "main": args.main}
+
+
+# the way to the first denoising step, in order: (part, from mark, to mark)
+TIMELINE = (
+    ("process start and wanctl's imports", "started", "main"),
+    ("hand-off to the warm client", "main", "forked"),
+    ("imports (torch, diffusers, transformers)", None, "imported"),
+    ("connect to the daemon", "imported", "connected"),
+    ("check the options", "connected", "checked"),
+    ("modules (attach and bind)", "checked", "attached"),
+)
+
+
+def timeline(marks: dict[str, float], t: dict[str, float]) -> dict[str, Any]:
+    """Seconds of each part of the way from the command's start to the first denoising step;
+    ``other`` is what is left of the pipeline's preparation (scheduler, image, checks)."""
+    parts: dict[str, float] = {}
+    previous = marks["forked"] if "forked" in marks else marks["main"]
+    for name, start, end in TIMELINE:
+        if end in marks and (start is None or start in marks):
+            parts[name] = marks[end] - (marks[start] if start else previous)
+    parts["prompt encoding"] = t["encode"]
+    parts["latents"] = t["latents"]
+    total = t["first_step_at"] - marks["started"]
+    parts["other preparation"] = total - sum(parts.values())
+    return {
+        "parts": parts,
+        "to_first_step": total,
+        "first_step": t["first_step"],
+        "warm": "forked" in marks,
+    }
+
+
+def render_timeline(tl: dict[str, Any]) -> str:
+    how = "through the warm client" if tl["warm"] else "in this process"
+    lines = [f"to the first denoising step ({how}):"]
+    lines += [f"  {name:<42} {seconds:7.3f} s" for name, seconds in tl["parts"].items()]
+    rest = tl["to_first_step"] - tl["parts"]["prompt encoding"]
+    lines.append(
+        f"  {'total':<42} {tl['to_first_step']:7.3f} s  (without prompt encoding {rest:.3f} s)"
+    )
+    lines.append(f"  {'the first step itself':<42} {tl['first_step']:7.3f} s")
+    return "\n".join(lines)
 
 
 def check(args: argparse.Namespace, c: Client) -> Job:
@@ -123,7 +182,6 @@ def attach(job: Job, c: Client) -> tuple[VideoPipeline, dict[str, float]]:
     """The pipeline for ``job``, its LoRAs loaded; seconds it took to attach and to load them."""
     from wand.wan.footprint import Geometry
 
-    _import_libraries()
     start = time.perf_counter()
     pipe = c.pipeline(job.checkpoint, **_scheduler(job))
     attached = time.perf_counter()
@@ -174,7 +232,9 @@ class _Drop(logging.Filter):
 
 
 def _import_libraries() -> None:
-    """Import diffusers' pipelines before attach is timed."""
+    """Import torch and diffusers' pipelines first, so that their cost is a part of its own
+    in the timings (none through the warm client, which imported them ahead)."""
+    import torch  # noqa: F401
     from diffusers import WanImageToVideoPipeline, WanPipeline  # noqa: F401
 
 

@@ -118,6 +118,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--plain", action="store_true", help="run in this process, not in the warm client"
     )
+    p.add_argument(
+        "--timings",
+        action="store_true",
+        help="print where the time to the first denoising step went (stderr)",
+    )
     p.add_argument("--negative-prompt", help="default: Wan2.2's (Chinese) negative prompt")
     p.add_argument(
         *both("image"), type=Path, help="first frame: required for i2v, optional for ti2v"

@@ -14,6 +14,7 @@ import msgpack
 from wanctl import exits
 
 RUN_OPTIONS = {"--plain": 0, "--endpoint": 1}  # run's own options, before the script: values
+PRELOAD = ("wanctl.cli",)  # a warm client wanctl starts imports wanctl too: generate runs there
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         return exits.USAGE
     if args.plain:
         os.execv(sys.executable, [sys.executable, *script])
-    return launch.main(script, args.endpoint, _timings(args))
+    return launch.main(script, args.endpoint, _timings(args), PRELOAD)
 
 
 def through_warm(args: argparse.Namespace) -> int | None:
@@ -71,7 +72,7 @@ def through_warm(args: argparse.Namespace) -> int | None:
     if prebuilt.launched or args.plain or os.environ.get("WAND_WARM") == "0":
         return None  # in the warm client already, or asked not to
     try:
-        with launch.connect(args.endpoint) as sock:
+        with launch.connect(args.endpoint, preload=PRELOAD) as sock:
             return launch.run(sock, ["-m", "wanctl", *args.argv], _timings(args))
     except (launch.Unavailable, OSError) as e:  # (before it started: it runs once)
         print(f"wand: {e}; running without the warm client", file=sys.stderr)

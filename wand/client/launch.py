@@ -34,7 +34,7 @@ from wand.common.version import __version__
 
 PROTOCOL = 1
 MAX_MESSAGE = 1 << 20  # a request: argv and environment
-START_SECONDS = 10.0  # for a new warm process to listen (it imports the libraries after)
+START_SECONDS = 30.0  # for a new warm process to listen (it imports the libraries after)
 FORWARDED = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -59,9 +59,12 @@ def socket_path(endpoint: str) -> Path:
     return runtime_dir() / f"warm-{digest}.sock"
 
 
-def connect(endpoint: str | None = None, start: bool = True) -> socket.socket:
+def connect(
+    endpoint: str | None = None, start: bool = True, preload: tuple[str, ...] = ()
+) -> socket.socket:
     """A connection to the warm process for ``endpoint``, started first if there is none
-    (raises :class:`Unavailable`)."""
+    (raises :class:`Unavailable`); a new one imports the modules ``preload`` names too (the
+    caller's own, such as ``wanctl.cli``)."""
     path = socket_path(resolve(endpoint, client=True))
     _private_folder(path.parent)
     sock = try_connect(path)
@@ -69,13 +72,16 @@ def connect(endpoint: str | None = None, start: bool = True) -> socket.socket:
         if sock is None:
             raise Unavailable(f"no warm client at {path}")
         return sock
-    proc = _spawn(resolve(endpoint, client=True), path)
+    proc = _spawn(resolve(endpoint, client=True), path, preload)
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         sock = try_connect(path)
         if sock is not None:
             return sock
-        if proc.poll() not in (None, 0):  # 0: another one took the socket first
+        if proc.poll() == 0:  # another held the lock: one starting, or one that was stopping
+            time.sleep(0.1)
+            proc = _spawn(resolve(endpoint, client=True), path, preload)
+        elif proc.poll() is not None:
             raise Unavailable(f"the warm client exited at start ({path.with_suffix('.log')})")
         time.sleep(0.02)
     raise Unavailable(f"the warm client did not start listening within {START_SECONDS:g} s")
@@ -159,11 +165,13 @@ def try_connect(path: Path) -> socket.socket | None:
         return None
 
 
-def _spawn(endpoint: str, path: Path) -> subprocess.Popen:
+def _spawn(endpoint: str, path: Path, preload: tuple[str, ...]) -> subprocess.Popen:
     """Start the warm process in a session of its own; its log is ``<socket>.log``."""
+    cmd = [sys.executable, "-m", "wand.client.warm", "--endpoint", endpoint, str(path)]
+    cmd += [f"--preload={name}" for name in preload]
     with open(path.with_suffix(".log"), "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "wand.client.warm", "--endpoint", endpoint, str(path)],
+            cmd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -260,7 +268,10 @@ def _die_by(sig: int) -> None:
 
 
 def main(
-    argv: list[str], endpoint: str | None = None, timings: dict[str, float] | None = None
+    argv: list[str],
+    endpoint: str | None = None,
+    timings: dict[str, float] | None = None,
+    preload: tuple[str, ...] = (),
 ) -> int:
     """``wanctl run`` / ``python -m wand.run``: ``argv`` in the warm client, or plainly when
     there can be none (``WAND_WARM=0`` asks for that)."""
@@ -269,7 +280,7 @@ def main(
     if os.environ.get("WAND_WARM") == "0":
         os.execv(sys.executable, [sys.executable, *argv])
     try:
-        with connect(endpoint) as sock:
+        with connect(endpoint, preload=preload) as sock:
             return run(sock, argv, timings)
     except (Unavailable, OSError) as e:  # (before the script started: it runs once)
         plain(argv, str(e))

@@ -25,6 +25,7 @@ import argparse
 import atexit
 import fcntl
 import gc
+import importlib
 import io
 import logging
 import os
@@ -60,8 +61,11 @@ class _Child:
 
 
 class Warm:
-    def __init__(self, endpoint: str, listener: socket.socket) -> None:
+    def __init__(
+        self, endpoint: str, listener: socket.socket, preload: tuple[str, ...] = ()
+    ) -> None:
         self.endpoint = endpoint
+        self.preload = preload
         self.listener = listener
         self.children: dict[int, _Child] = {}  # pidfd → child
         self.held: dict[str, str] = {}  # address → slab token of its module in prebuilt
@@ -84,6 +88,8 @@ class Warm:
 
         for cls in (TEXT_ENCODER, TRANSFORMER, VAE):
             resolve_class(cls)
+        for name in self.preload:  # what its starter's scripts import (wanctl's, say)
+            importlib.import_module(name)
         self.refresh()
 
     def refresh(self) -> None:
@@ -434,10 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--endpoint", required=True)
     p.add_argument("socket", type=Path)
+    p.add_argument("--preload", action="append", default=[], help="also import this module")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     listener = _listen(args.socket)  # first: launchers wait in the backlog while we import
-    warm = Warm(args.endpoint, listener)
+    warm = Warm(args.endpoint, listener, tuple(args.preload))
     try:
         warm.prepare()
         log.info("ready: %s", ", ".join(sorted(warm.held)) or "no components")
