@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from wand.common import protocol
+from wand.common import protocol, sockdir
 from wand.common.endpoint import socket_path
 from wand.common.errors import ProtocolError, WandError
 from wand.common.fdsocket import FdServer, fd_socket_path
@@ -678,24 +678,19 @@ def _claim(path: Path, endpoint: str) -> None:
 
 
 def _safe_directory(folder: Path) -> None:
-    """The socket directory: created 0755 if missing (whatever the umask), else required to be
-    owned by root or this user and writable by no one else."""
-    if not folder.exists():
-        missing = [p for p in (folder, *folder.parents) if not p.exists()]
-        for p in reversed(missing):
-            os.mkdir(p, 0o755)
-            os.chmod(p, 0o755)
-        return
-    st = os.stat(folder)
-    if st.st_uid not in (0, os.geteuid()):
-        raise WandError(
-            f"socket directory {folder} belongs to uid {st.st_uid}, not to root or this "
-            f"daemon's user (uid {os.geteuid()}); refusing to listen there",
-            "config",
-        )
-    if st.st_mode & 0o022:
-        raise WandError(
-            f"socket directory {folder} is writable by others (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}); refusing to listen there",
-            "config",
-        )
+    """The socket directory: every folder above it owned by root or this user and writable by
+    no one else unless sticky (checked before anything is created in them); the directory
+    itself created 0755 if missing (whatever the umask), else required to be writable by no
+    one else (``wand/common/sockdir.py``)."""
+    trust = sockdir.daemon_trust()
+    _refuse(folder, sockdir.folder_problem(folder, trust))
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for p in reversed(missing):
+        os.mkdir(p, 0o755)
+        os.chmod(p, 0o755)
+    _refuse(folder, sockdir.folder_problem(folder, trust, strict=True))
+
+
+def _refuse(folder: Path, problem: str | None) -> None:
+    if problem:
+        raise WandError(f"socket directory {folder}: {problem}; refusing to listen there", "config")
