@@ -33,6 +33,7 @@ from wand.common.fdsocket import FdServer, fd_socket_path
 from wand.common.spec import LORA_PREFIX, is_lora
 from wand.common.version import __version__
 from wand.daemon.logs import RingBuffer
+from wand.daemon.peers import DOMAIN, Authenticator, Peer
 from wand.daemon.processes import ClientTable
 from wand.daemon.store import Checkpoint, Resident, Snapshot, Store
 
@@ -63,31 +64,6 @@ class Control(Protocol):
     def state(self) -> str: ...
 
 
-class Peer:
-    """Who sent a request: the kernel's credentials of the ipc connection, and the client
-    process they name (None over transports without credentials, e.g. tcp://)."""
-
-    def __init__(self, frame: zmq.Frame, start: Any, clients: ClientTable) -> None:
-        self.uid, pid = _credentials(frame)
-        if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
-            raise WandError(f"'start' must be an integer, got {protocol.short(start)}", "bad_args")
-        self.start: int | None = start
-        self.proc = clients.get(pid, self.uid, start) if pid is not None else None
-
-    def needs_start(self) -> None:
-        """Lease operations must say which process they come from, beyond its pid."""
-        if self.start is None:
-            raise WandError(
-                "lease operations need 'start', the client process's start time "
-                "(/proc/self/stat field 22), so that a reused pid inherits nothing",
-                "bad_args",
-            )
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-
 class Server:
     def __init__(
         self, store: Store, endpoint: str, control: Control, logs: RingBuffer | None = None
@@ -113,8 +89,10 @@ class Server:
             (zmq.SNDHWM, SEND_HWM),
             (zmq.RCVHWM, RECV_HWM),
             (zmq.HANDSHAKE_IVL, HANDSHAKE_MS),
+            (zmq.ZAP_DOMAIN, DOMAIN),  # each connection's opener is taken when it greets
         ):
             self._sock.setsockopt(option, value)
+        self._zap = Authenticator(self._ctx)
         self._ops: dict[str, Callable[[Peer, dict], Any]] = {
             op: getattr(self, f"_{op}") for op in protocol.OPS
         }
@@ -181,6 +159,7 @@ class Server:
         """Answer requests until stopped; ``tick`` runs at least every 200 ms."""
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._zap.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         watched: set[int] = set()
         while not self.stopping:
@@ -217,6 +196,7 @@ class Server:
         if self.fds is not None:
             self.fds.close()
         self._sock.close(linger=0)
+        self._zap.close()
         self._ctx.term()
         path = socket_path(self.endpoint)
         if path is not None and not self._inherited:  # systemd owns inherited sockets
@@ -236,6 +216,8 @@ class Server:
     def _ready(self, sock: Any) -> None:
         if sock is self._sock:
             self._serve_some()
+        elif sock is self._zap.sock:
+            self._zap.serve_some()
         elif sock == self._wake_r:
             while True:
                 try:
@@ -639,18 +621,6 @@ def _memory(index: int) -> tuple[int | None, int | None]:
         return cuda.memory_info(index)
     except WandError:
         return None, None
-
-
-def _credentials(frame: zmq.Frame) -> tuple[int, int | None]:
-    """(uid, pid) of the sender of an ipc message; (-1, None) when the transport has none."""
-    try:
-        addr = frame.get("Peer-Address")
-    except zmq.ZMQError:
-        return -1, None
-    parts = addr.split(":") if isinstance(addr, str) else []
-    if len(parts) == 4 and parts[0] == "localhost" and parts[1].isdigit() and parts[3].isdigit():
-        return int(parts[1]), int(parts[3])
-    return -1, None
 
 
 def _claim(path: Path, endpoint: str) -> None:
