@@ -179,3 +179,18 @@ def test_make_tiny_writes_the_preset_asked_for(tmp_path):
         * spec.components["high_noise_model"].config["attention_head_dim"]
         == 16
     )
+
+
+def test_status_and_verify_agree_on_sizes(daemon):
+    """SIZE is the tensors' bytes in both (verify showed the slab's, alignment included)."""
+    d = daemon
+    status = {
+        c["name"]: c["bytes"] for c in json.loads(d.wanctl("status", "--json").stdout)["components"]
+    }
+    verify = {r["name"]: r for r in json.loads(d.wanctl("verify", "--json").stdout)}
+    assert {n: r["bytes"] for n, r in verify.items()} == status
+    assert all(r["slab_bytes"] >= r["bytes"] for r in verify.values())
+    table = {line.split()[0]: line for line in d.wanctl("status").stdout.splitlines()[3:]}
+    for line in d.wanctl("verify").stdout.splitlines()[1:]:
+        name, size = line.split()[0], " ".join(line.split()[3:5])
+        assert size in table[name], (line, table[name])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wanctl import exits, generate, manage, units
+from wand.common import endpoint
 from wand.common.errors import ConnectError, WandError
 from wand.common.spec import LORA_CLASS
 from wand.common.version import __version__
@@ -30,8 +31,10 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--endpoint",
+        type=_endpoint,
         default=d(None),
-        help="daemon endpoint (default: WAND_ENDPOINT or runtime dir)",
+        help="daemon endpoint: ipc://PATH or tcp://HOST:PORT (default: WAND_ENDPOINT or "
+        "runtime dir)",
     )
     common.add_argument(
         "--json", action="store_true", default=d(False), help="print the reply as JSON"
@@ -40,6 +43,13 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
         "--timeout", type=float, default=d(5.0), help="seconds to wait for the daemon (default 5)"
     )
     return common
+
+
+def _endpoint(value: str) -> str:
+    try:
+        return endpoint.check(value)
+    except WandError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +171,7 @@ def _verify(args: argparse.Namespace) -> int:
     import time
 
     from wand.client.connection import Client
+    from wand.common.manifest import tensor_bytes
     from wand.wan.modules import resolve_class
 
     rows = []
@@ -179,7 +190,8 @@ def _verify(args: argparse.Namespace) -> int:
                     "name": att.name,
                     "class": type(module).__name__ if module is not None else "LoRA",
                     "tensors": len(att.manifest["tensors"]),
-                    "bytes": att.manifest["nbytes"],
+                    "bytes": tensor_bytes(att.manifest["tensors"]),  # as status counts them
+                    "slab_bytes": att.manifest["nbytes"],  # with the alignment between them
                     "attach_ms": (attached - start) * 1e3,
                     "module_ms": (built - attached) * 1e3,
                     "checksum_ok": att.verify(),

@@ -19,7 +19,7 @@ import zmq
 
 from wand import slabs
 from wand.common import fdsocket, protocol, sockdir
-from wand.common.endpoint import describe, resolve, socket_path
+from wand.common.endpoint import check, describe, resolve, socket_path
 from wand.common.errors import ConnectError, DaemonError, WandError
 from wand.common.process import own_start
 from wand.common.spec import LORA_CLASS, LORA_PREFIX
@@ -46,7 +46,7 @@ class Client:
     def __init__(
         self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, name: str | None = None
     ) -> None:
-        self.endpoint = resolve(endpoint, client=True)
+        self.endpoint = check(resolve(endpoint, client=True))
         self.timeout = timeout
         self._path = socket_path(self.endpoint)
         if self._path is not None:

@@ -240,7 +240,7 @@ class Store:
             for comp in ckpt.spec.components.values():
                 addr = f"{ckpt.name}/{comp.name}"
                 current = self._addresses.get(addr)
-                key = identity.shape_key(comp, _device(ckpt.config, comp.name).name)
+                key = identity.component_key(ckpt.config, comp)
                 if (
                     current
                     and current.key == key
@@ -455,7 +455,7 @@ class Store:
         for r in candidates:  # reading files happens outside the lock
             if not r.adopted and identity.stamp(r.spec) != r.stamp:
                 continue  # its files changed since it was loaded: not the same bytes any more
-            if identity.same_bytes(r.spec, resident.spec):
+            if identity.same_component(r.spec, r.key, resident.spec, resident.key):
                 return r
         return None
 
