@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wanctl: {e.code}: {e}", file=sys.stderr)
         return exits.ERROR
     except KeyboardInterrupt:
-        return 130
+        return exits.interrupted()
     except BrokenPipeError:  # `wanctl status | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 128 + signal.SIGPIPE

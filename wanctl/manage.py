@@ -74,7 +74,16 @@ def load(args: argparse.Namespace) -> int:
             request[key] = parse_assignments(getattr(args, key))
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
         names = c.request("load", **request)["components"]
-        states = c.wait_loaded(names) if not args.no_wait else {n: "queued" for n in names}
+        try:
+            states = c.wait_loaded(names) if not args.no_wait else {n: "queued" for n in names}
+        except KeyboardInterrupt:
+            name = names[0].split("/", 1)[0]
+            print(
+                f"wanctl: interrupted; the daemon goes on loading {name} "
+                f"(wanctl unload {name} stops it)",
+                file=sys.stderr,
+            )
+            return exits.INTERRUPTED
     if args.json:
         print(json.dumps(states, indent=2))
     else:
