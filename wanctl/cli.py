@@ -221,23 +221,36 @@ def _chaos(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
+    if os.path.lexists(args.dest):
+        return _refuse("make-tiny", f"{args.dest} exists; give a folder that does not exist yet")
     from wand.wan import write_tiny
 
-    path = write_tiny(
-        args.dest,
-        args.task,
-        args.layout,
-        preset=args.preset,
-        layers=args.layers,
-        width=args.width,
-        seed=args.seed,
-    )
+    try:
+        path = write_tiny(
+            args.dest,
+            args.task,
+            args.layout,
+            preset=args.preset,
+            layers=args.layers,
+            width=args.width,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        return _refuse("make-tiny", str(e))
+    except OSError as e:
+        print(f"wanctl make-tiny: cannot write {args.dest}: {e.strerror}", file=sys.stderr)
+        return exits.ERROR
     print(
         json.dumps({"path": str(path)})
         if args.json
         else f"wrote {args.task} ({args.layout} layout) to {path}"
     )
     return exits.OK
+
+
+def _refuse(command: str, why: str) -> int:
+    print(f"wanctl {command}: {why}", file=sys.stderr)
+    return exits.USAGE
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
