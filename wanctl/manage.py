@@ -58,7 +58,9 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         help="where it goes unless a client says otherwise (default high)",
     )
     drop = sub.add_parser("unload-lora", parents=[common], help="stop holding a LoRA")
-    drop.add_argument("name", help="the LoRA's name (see wanctl ls)")
+    drop.add_argument(
+        "name", help="the LoRA's name, or its address as wanctl ls shows it (t2v-A14B/lora:style)"
+    )
     drop.add_argument("--checkpoint", help="its checkpoint (default: the only one)")
     drop.add_argument("--force", action="store_true", help="revoke the leases of clients")
     logs = sub.add_parser("logs", parents=[common], help="show the daemon's log")

@@ -497,7 +497,11 @@ class Server:
 
     def _unload_lora(self, peer: Peer, args: dict) -> dict:
         name, force = protocol.text(args, "name"), protocol.flag(args, "force")
-        ckpt = self.store.checkpoint(protocol.text(args, "checkpoint", required=False))
+        checkpoint = protocol.text(args, "checkpoint", required=False)
+        if "/" in name:  # an address, as wanctl ls prints it: t2v-A14B/lora:style
+            checkpoint, name = name.split("/", 1)
+            name = name.removeprefix(LORA_PREFIX)
+        ckpt = self._holder(checkpoint, name)
         component = LORA_PREFIX + name
         if component not in ckpt.spec.components:
             held = [c.removeprefix(LORA_PREFIX) for c in ckpt.spec.components if is_lora(c)]
@@ -515,6 +519,27 @@ class Server:
         revoked = self._take_away(address, [address], force, drop)
         log.info("unloaded LoRA %s", address, extra={"WAND_CHECKPOINT": ckpt.name})
         return {"name": address, "revoked": revoked}
+
+    def _holder(self, checkpoint: str | None, lora: str) -> Checkpoint:
+        """The checkpoint named, else the one that holds a LoRA ``lora`` (or the only one)."""
+        if checkpoint is not None:
+            return self.store.checkpoint(checkpoint)
+        held = self.store.snapshot().checkpoints.values()
+        holders = [c for c in held if LORA_PREFIX + lora in c.spec.components]
+        if len(holders) > 1:
+            where = ", ".join(f"{c.name}/{LORA_PREFIX}{lora}" for c in holders)
+            raise WandError(
+                f"several checkpoints hold a LoRA {protocol.short(lora)}: {where}; say which "
+                "(the address, or wanctl: --checkpoint NAME)",
+                "ambiguous_component",
+            )
+        if holders or len(held) < 2:
+            return holders[0] if holders else self.store.checkpoint(None)
+        loras = ", ".join(f"{c.name}/{x}" for c in held for x in c.spec.components if is_lora(x))
+        raise WandError(
+            f"no checkpoint holds a LoRA {protocol.short(lora)}; held: {loras or 'none'}",
+            "unknown_component",
+        )
 
     def _take_away(
         self, what: str, addresses: list[str], force: bool, drop: Callable[[], list[Resident]]

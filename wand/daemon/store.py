@@ -203,7 +203,15 @@ class Store:
                 return next(iter(self._checkpoints.values()))
             if isinstance(name, str) and name in self._checkpoints:
                 return self._checkpoints[name]
-            which = "say which" if name is None else f"no checkpoint {str(name)[:100]!r}"
+            if name is None and self._checkpoints:
+                raise WandError(
+                    f"several checkpoints are loaded ({self._names()}): say which one "
+                    "(wanctl: --checkpoint NAME)",
+                    "ambiguous_component",
+                )
+            which = (
+                "no checkpoint is loaded" if name is None else f"no checkpoint {str(name)[:100]!r}"
+            )
             raise WandError(f"{which}; loaded: {self._names()}", "unknown_component")
 
     def add_component(self, name: str, comp: ComponentSpec) -> Resident:
