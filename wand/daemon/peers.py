@@ -91,6 +91,12 @@ class Peer:
         self.proc: ClientProcess | None = (
             clients.get(pid, self.uid, opened) if pid is not None else None
         )
+        if self.proc is not None and start is not None and start != self.proc.start:
+            raise WandError(
+                f"'start' {start} is not the start time of process {pid}, which sent this "
+                f"request ({self.proc.start})",
+                "bad_args",
+            )
 
     def needs_start(self) -> None:
         """Lease operations must say which process they come from, beyond its pid."""
