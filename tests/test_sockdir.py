@@ -32,9 +32,10 @@ def _start(endpoint: str, tiny, **kw) -> subprocess.CompletedProcess:
     )
 
 
-def _folder(path: Path, mode: int, owner: int = 0) -> Path:
+def _folder(path: Path, mode: int, owner: int | None = None) -> Path:
     path.mkdir()
-    os.chown(path, owner, owner)
+    if owner is not None:
+        os.chown(path, owner, owner)
     os.chmod(path, mode)
     return path
 
