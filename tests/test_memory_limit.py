@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from wand.common.sizes import size
 from wand.wan import write_tiny
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -87,7 +88,7 @@ def test_a_checkpoint_too_big_for_the_cgroup_is_a_memory_error(
     out = d.wanctl("load", str(wide), "--name", "wide")
     assert d.proc.poll() is None, f"the daemon died ({d.proc.returncode}):\n{d.output()}"
     assert out.returncode == 1, out
-    assert "memory" in out.stderr and f"{limit / 1e9:.2f} GB" in out.stderr, out.stderr
+    assert "memory" in out.stderr and f"of its {size(limit)} limit" in out.stderr, out.stderr
     assert "cgroup" in out.stderr, out.stderr
     assert d.wanctl("ping").returncode == 0
     with d.connect() as c:

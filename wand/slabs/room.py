@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wand.common.errors import WandError
+from wand.common.sizes import size
 
 MARGIN_BYTES = 64 << 20  # kept free beside a slab, plus MARGIN_SHARE of a cgroup's limit
 MARGIN_SHARE = 0.02
@@ -38,11 +39,11 @@ def check(nbytes: int) -> None:
     """Refuse a slab of ``nbytes`` that does not fit, with its margin, in every room."""
     for room in rooms():
         if nbytes + room.margin() > room.free:
-            limit = f" of its {room.limit / 1e9:.2f} GB limit" if room.limit else ""
+            limit = f" of its {size(room.limit)} limit" if room.limit else ""
             raise WandError(
-                f"not enough memory: a slab of {nbytes / 1e9:.2f} GB does not fit: "
-                f"{room.where} has {room.free / 1e9:.2f} GB left{limit}, and "
-                f"{room.margin() / 1e9:.2f} GB stay free for the daemon itself",
+                f"not enough memory: a slab of {size(nbytes)} does not fit: {room.where} has "
+                f"{size(room.free)} left{limit}, and {size(room.margin())} stay free for the "
+                "daemon itself",
                 "memory",
             )
 
