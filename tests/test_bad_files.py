@@ -190,9 +190,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def test_a_slab_larger_than_memory_is_refused_before_anything_is_written(daemon, tmp_path):
-    from wand.slabs.memfd import available_memory
+    from wand.slabs import room
 
-    ckpt = _sparse_diffusers_checkpoint(tmp_path, 2 * available_memory())
+    ckpt = _sparse_diffusers_checkpoint(tmp_path, 2 * room.available())
     before = daemon_slabs(daemon.proc.pid)
     out = daemon.wanctl("load", str(ckpt), "--name", "huge")
     assert out.returncode == 1

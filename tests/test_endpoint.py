@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+from conftest import run_wanctl
+
+import wand
 from wand.common import endpoint
 
 
@@ -34,3 +38,18 @@ def test_users_use_their_runtime_dir_and_clients_fall_back_to_the_system_daemon(
     (tmp_path / "run" / "wand").mkdir(parents=True)
     (tmp_path / "run" / "wand" / "wand.sock").touch()
     assert endpoint.default_endpoint(client=True) == mine  # the user's own daemon first
+
+
+def test_clients_refuse_an_endpoint_wand_cannot_use():
+    """They got as far as ZeroMQ, which raised ZMQError (a traceback from wanctl)."""
+    for bad in ("/tmp/wand.sock", "tcp://localhost", "ipc://"):
+        with pytest.raises(wand.ConnectError, match="ipc://PATH"):
+            wand.connect(bad)
+    out = run_wanctl("--endpoint", "/tmp/wand.sock", "status")
+    assert out.returncode == 2 and "'/tmp/wand.sock' is not an endpoint" in out.stderr, out
+    out = run_wanctl("status", env={"WAND_ENDPOINT": "localhost:5555"})
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines() == [
+        "wanctl: 'localhost:5555' is not an endpoint wand can use: ipc://PATH (a Unix socket) "
+        "or tcp://HOST:PORT"
+    ]

@@ -259,6 +259,86 @@ def test_an_attach_queued_by_a_dead_process_is_not_credited_to_its_pid_successor
         heir.wait()
 
 
+class Zmtp:
+    """A ZMTP 3.0 DEALER spoken over a plain Unix socket, so that the process that opens the
+    connection and the one that uses it can differ (libzmq does not survive a fork)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def greet(self) -> None:
+        self.sock.sendall(
+            b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + bytes(32)
+        )
+        self._read(64)
+        ready = b"\x05READY\x0bSocket-Type" + len(b"DEALER").to_bytes(4, "big") + b"DEALER"
+        self.sock.sendall(bytes([0x04, len(ready)]) + ready)
+        self._frame()  # the daemon's READY
+
+    def ask(self, msg: dict) -> dict:
+        body = protocol.pack(msg)
+        assert len(body) < 256
+        self.sock.sendall(bytes([0, len(body)]) + body)
+        return protocol.parse_reply(self._frame())
+
+    def _frame(self) -> bytes:
+        flags = self._read(1)[0]
+        size = int.from_bytes(self._read(8 if flags & 2 else 1), "big")
+        return self._read(size)
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            assert chunk, "the daemon closed the connection"
+            data += chunk
+        return data
+
+
+HOLD_VAE = """
+import sys, time, wand
+c = wand.connect(sys.argv[1])
+c.attach("vae")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not _can_choose_pids(), reason="needs root and ns_last_pid")
+def test_a_connection_kept_after_its_opener_exited_speaks_for_nobody(daemon):
+    """The spoof: a child opens a connection and greets, then exits; its parent keeps the
+    connection, waits until another process has the child's pid and a lease, and sends a
+    detach with that process's start time (anyone may read it in /proc). The kernel's
+    credentials of the connection still name the pid."""
+    path = daemon.endpoint.removeprefix("ipc://")
+    opened = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    child = os.fork()
+    if child == 0:
+        try:
+            opened.connect(path)
+            Zmtp(opened).greet()
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    victim = _spawn_with_pid(child, ["-c", HOLD_VAE, daemon.endpoint])
+    if victim is None:
+        pytest.skip(f"pid {child} was taken by another process")
+    try:
+        assert victim.stdout.readline().strip() == "held"
+        spoof = {"name": "vae", "start": start_time(victim.pid)}
+        for op in ("detach", "attach", "detach"):
+            reply = Zmtp(opened).ask({"v": 1, "id": 1, "op": op, "args": spoof})
+            assert not reply["ok"] and reply["error"]["code"] == "bad_args", reply
+            assert "has exited" in reply["error"]["message"], reply
+        with daemon.connect() as c:
+            held = {p["pid"]: [(x["component"], x["count"]) for x in p["leases"]] for p in c.ps()}
+        assert held[victim.pid] == [("t2v-A14B/vae", 1)], held
+    finally:
+        opened.close()
+        victim.kill()
+        victim.wait()
+
+
 def test_attach_over_tcp_is_refused(tiny, start_daemon):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

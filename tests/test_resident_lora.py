@@ -102,3 +102,36 @@ def test_wanctl_generate_takes_a_held_lora_by_name(held, tmp_path):
     out = d.wanctl("generate", *common, "--lora", "nosuch", "--out", str(tmp_path / "b.mp4"))
     assert out.returncode == 2 and "holds no LoRA named 'nosuch' (it holds style)" in out.stderr
     assert not (tmp_path / "b.mp4").exists()
+
+
+def test_lora_commands_with_several_checkpoints(tiny, tmp_path):
+    """A LoRA's unique name or its address (as wanctl ls prints it) is enough; otherwise the
+    error names --checkpoint. They refused both and never said how to choose."""
+    for_t2v = write_tiny_lora(tmp_path / "t2v.safetensors", tiny(), "comfy")
+    for_5b = write_tiny_lora(tmp_path / "5b.safetensors", tiny("ti2v-5B"), "comfy")
+    cfg = tmp_path / "wand.toml"
+    cfg.write_text(
+        f'[[checkpoint]]\npath = "{tiny()}"\n'
+        f'lora = [{{ name = "style", path = "{for_t2v}" }}]\n'
+        f'[[checkpoint]]\nname = "five"\npath = "{tiny("ti2v-5B")}"\n'
+    )
+    d = Daemon(None, "--config", str(cfg)).wait_ready()
+    try:
+        out = d.wanctl("load-lora", str(for_5b), "--name", "dup")
+        assert out.returncode == 1, out
+        assert "--checkpoint" in out.stderr and "t2v-A14B, five" in out.stderr, out.stderr
+        for ckpt, path in (("five", for_5b), ("t2v-A14B", for_t2v)):
+            out = d.wanctl("load-lora", str(path), "--name", "dup", "--checkpoint", ckpt)
+            assert out.returncode == 0, out.stderr
+        out = d.wanctl("unload-lora", "dup")  # both hold one
+        assert out.returncode == 1 and "--checkpoint" in out.stderr, out.stderr
+        assert "t2v-A14B/lora:dup, five/lora:dup" in out.stderr, out.stderr
+        assert d.wanctl("unload-lora", "dup", "--checkpoint", "five").returncode == 0
+        out = d.wanctl("unload-lora", "dup")  # unique now
+        assert out.returncode == 0 and "t2v-A14B/lora:dup" in out.stdout, out.stderr
+        out = d.wanctl("unload-lora", "t2v-A14B/lora:style")
+        assert out.returncode == 0, out.stderr
+        out = d.wanctl("unload-lora", "style")
+        assert out.returncode == 1 and "holds a LoRA 'style'; held: none" in out.stderr, out
+    finally:
+        d.stop()

@@ -355,6 +355,8 @@ def test_the_config_knows_the_same_tasks_as_the_checkpoint_reader():
     from wand.wan import TASKS
 
     assert config.TASKS == tuple(TASKS)  # config keeps a copy: it must not import wand.wan
+    names = {"text_encoder", "vae"} | {e for task in TASKS.values() for e in task.experts}
+    assert set(config.COMPONENTS) == names
 
 
 def test_reload_of_unchanged_shared_checkpoints_reports_no_change(tiny, tmp_path):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
+import subprocess
+import sys
 
-from conftest import daemon_slabs, run_wanctl
+from conftest import ROOT, daemon_slabs, run_wanctl
 
 COMPONENTS = {"text_encoder", "vae", "high_noise_model", "low_noise_model"}
 
@@ -203,3 +206,44 @@ def test_make_tiny_lora_writes_what_write_tiny_lora_writes(tiny, tmp_path):
     wrong = run_wanctl("make-tiny-lora", str(tmp_path / "x"), "--expert", "model")
     assert wrong.returncode == 2 and "t2v-A14B has no expert 'model'" in wrong.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_status_and_verify_agree_on_sizes(daemon):
+    """SIZE is the tensors' bytes in both (verify showed the slab's, alignment included)."""
+    d = daemon
+    status = {
+        c["name"]: c["bytes"] for c in json.loads(d.wanctl("status", "--json").stdout)["components"]
+    }
+    verify = {r["name"]: r for r in json.loads(d.wanctl("verify", "--json").stdout)}
+    assert {n: r["bytes"] for n, r in verify.items()} == status
+    assert all(r["slab_bytes"] >= r["bytes"] for r in verify.values())
+    table = {line.split()[0]: line for line in d.wanctl("status").stdout.splitlines()[3:]}
+    for line in d.wanctl("verify").stdout.splitlines()[1:]:
+        name, size = line.split()[0], " ".join(line.split()[3:5])
+        assert size in table[name], (line, table[name])
+
+
+def test_make_tiny_refuses_a_folder_that_exists(tmp_path):
+    there = tmp_path / "there"
+    there.mkdir()
+    out = run_wanctl("make-tiny", str(there))
+    assert out.returncode == 2, out
+    assert out.stderr.splitlines() == [
+        f"wanctl make-tiny: {there} exists; give a folder that does not exist yet"
+    ]
+    out = run_wanctl("make-tiny", str(tmp_path / "w"), "--width", "12")
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+
+
+def test_make_tiny_files_follow_the_umask(tmp_path):
+    """The service user must be able to read them: safetensors wrote its files 0600."""
+    out = subprocess.run(
+        [sys.executable, "-m", "wanctl", "make-tiny", str(tmp_path / "c"), "--layout", "diffusers"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, umask=0o022,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    modes = {
+        (p.is_dir(), p.suffix, stat.S_IMODE(p.stat().st_mode)) for p in (tmp_path / "c").rglob("*")
+    }
+    assert {(d, m) for d, _, m in modes} == {(True, 0o755), (False, 0o644)}, modes
+    assert (False, ".safetensors", 0o644) in modes

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wanctl import exits, generate, manage, run, units
+from wand.common import endpoint
 from wand.common.errors import ConnectError, WandError
 from wand.common.process import started_at
 from wand.common.spec import LORA_CLASS
@@ -35,8 +36,10 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--endpoint",
+        type=_endpoint,
         default=d(None),
-        help="daemon endpoint (default: WAND_ENDPOINT or runtime dir)",
+        help="daemon endpoint: ipc://PATH or tcp://HOST:PORT (default: WAND_ENDPOINT or "
+        "runtime dir)",
     )
     common.add_argument(
         "--json", action="store_true", default=d(False), help="print the reply as JSON"
@@ -45,6 +48,13 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
         "--timeout", type=float, default=d(5.0), help="seconds to wait for the daemon (default 5)"
     )
     return common
+
+
+def _endpoint(value: str) -> str:
+    try:
+        return endpoint.check(value)
+    except WandError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wanctl: {e.code}: {e}", file=sys.stderr)
         return exits.ERROR
     except KeyboardInterrupt:
-        return 130
+        return exits.interrupted()
     except BrokenPipeError:  # `wanctl status | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 128 + signal.SIGPIPE
@@ -202,6 +212,7 @@ def _render(name: str) -> Callable[[Any], str]:
 def _verify(args: argparse.Namespace) -> int:
 
     from wand.client.connection import Client
+    from wand.common.manifest import tensor_bytes
     from wand.wan.modules import resolve_class
 
     rows = []
@@ -220,7 +231,8 @@ def _verify(args: argparse.Namespace) -> int:
                     "name": att.name,
                     "class": type(module).__name__ if module is not None else "LoRA",
                     "tensors": len(att.manifest["tensors"]),
-                    "bytes": att.manifest["nbytes"],
+                    "bytes": tensor_bytes(att.manifest["tensors"]),  # as status counts them
+                    "slab_bytes": att.manifest["nbytes"],  # with the alignment between them
                     "attach_ms": (attached - start) * 1e3,
                     "module_ms": (built - attached) * 1e3,
                     "checksum_ok": att.verify(),
@@ -250,23 +262,29 @@ def _chaos(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
+    if os.path.lexists(args.dest):
+        return _refuse("make-tiny", f"{args.dest} exists; give a folder that does not exist yet")
     from wand.wan import write_tiny
     from wand.wan.tiny_files import file_names
 
     if args.quant != "none" and args.layout not in TINY_FILE_LAYOUTS:
-        layouts = "/".join(TINY_FILE_LAYOUTS)
-        print(f"wanctl make-tiny: --quant is for --layout {layouts}", file=sys.stderr)
-        return exits.USAGE
-    path = write_tiny(
-        args.dest,
-        args.task,
-        args.layout,
-        quant=args.quant,
-        preset=args.preset,
-        layers=args.layers,
-        width=args.width,
-        seed=args.seed,
-    )
+        return _refuse("make-tiny", f"--quant is for --layout {'/'.join(TINY_FILE_LAYOUTS)}")
+    try:
+        path = write_tiny(
+            args.dest,
+            args.task,
+            args.layout,
+            quant=args.quant,
+            preset=args.preset,
+            layers=args.layers,
+            width=args.width,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        return _refuse("make-tiny", str(e))
+    except OSError as e:
+        print(f"wanctl make-tiny: cannot write {args.dest}: {e.strerror}", file=sys.stderr)
+        return exits.ERROR
     if args.layout not in TINY_FILE_LAYOUTS:
         print(
             json.dumps({"path": str(path)})
@@ -288,8 +306,7 @@ def _make_tiny_lora(args: argparse.Namespace) -> int:
     from wand.wan.tiny_lora import write_tiny_lora
 
     if args.dest.exists():
-        print(f"wanctl make-tiny-lora: {args.dest} exists", file=sys.stderr)
-        return exits.USAGE
+        return _refuse("make-tiny-lora", f"{args.dest} exists")
     try:
         path = write_tiny_lora(
             args.dest,
@@ -300,14 +317,18 @@ def _make_tiny_lora(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except ValueError as e:  # an unknown style, an expert the checkpoint does not have
-        print(f"wanctl make-tiny-lora: {e}", file=sys.stderr)
-        return exits.USAGE
+        return _refuse("make-tiny-lora", str(e))
     print(
         json.dumps({"path": str(path)})
         if args.json
         else f"wrote a {args.style} LoRA for {args.checkpoint} to {path}"
     )
     return exits.OK
+
+
+def _refuse(command: str, why: str) -> int:
+    print(f"wanctl {command}: {why}", file=sys.stderr)
+    return exits.USAGE
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -80,7 +80,9 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         help="where it goes unless a client says otherwise (default high)",
     )
     drop = sub.add_parser("unload-lora", parents=[common], help="stop holding a LoRA")
-    drop.add_argument("name", help="the LoRA's name (see wanctl ls)")
+    drop.add_argument(
+        "name", help="the LoRA's name, or its address as wanctl ls shows it (t2v-A14B/lora:style)"
+    )
     drop.add_argument("--checkpoint", help="its checkpoint (default: the only one)")
     drop.add_argument("--force", action="store_true", help="revoke the leases of clients")
     logs = sub.add_parser("logs", parents=[common], help="show the daemon's log")
@@ -103,7 +105,16 @@ def load(args: argparse.Namespace) -> int:
             request[key] = parse_assignments(getattr(args, key))
     with Client(args.endpoint, timeout=args.timeout, name="wanctl") as c:
         names = c.request("load", **request)["components"]
-        states = c.wait_loaded(names) if not args.no_wait else {n: "queued" for n in names}
+        try:
+            states = c.wait_loaded(names) if not args.no_wait else {n: "queued" for n in names}
+        except KeyboardInterrupt:
+            name = names[0].split("/", 1)[0]
+            print(
+                f"wanctl: interrupted; the daemon goes on loading {name} "
+                f"(wanctl unload {name} stops it)",
+                file=sys.stderr,
+            )
+            return exits.INTERRUPTED
     if args.json:
         print(json.dumps(states, indent=2))
     else:

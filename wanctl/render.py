@@ -5,15 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-
-def size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
+from wand.common.sizes import size
 
 
 def duration(seconds: float) -> str:

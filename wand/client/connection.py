@@ -19,8 +19,8 @@ import zmq
 
 from wand import slabs
 from wand.client import prebuilt
-from wand.common import fdsocket, protocol
-from wand.common.endpoint import describe, resolve, socket_path
+from wand.common import fdsocket, protocol, sockdir
+from wand.common.endpoint import check, describe, resolve, socket_path
 from wand.common.errors import ConnectError, DaemonError, WandError
 from wand.common.process import own_start
 from wand.common.spec import LORA_CLASS, LORA_PREFIX
@@ -57,7 +57,7 @@ class Client:
     def __init__(
         self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, name: str | None = None
     ) -> None:
-        self.endpoint = resolve(endpoint, client=True)
+        self.endpoint = check(resolve(endpoint, client=True))
         self.timeout = timeout
         self._path = socket_path(self.endpoint)
         if self._path is not None:
@@ -269,8 +269,15 @@ def default_name() -> str:
 
 
 def _probe(path: Path, endpoint: str) -> None:
-    """Fail at once, saying why, when nobody can answer at ``path``: no file, a stale file
-    (nobody listening), or a socket this user may not open."""
+    """Fail at once, saying why, when ``path`` is not to be trusted (a user not trusted could
+    have put it there: ``wand/common/sockdir.py``) or nobody can answer there: no file, a
+    stale file (nobody listening), or a socket this user may not open."""
+    try:
+        problem = sockdir.socket_problem(path, sockdir.client_trust())
+    except ValueError as e:
+        raise ConnectError(str(e)) from None
+    if problem:
+        raise ConnectError(f"refusing to connect to {path}: {problem}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect(str(path))
@@ -297,4 +304,9 @@ def _who_may(path: Path) -> str:
         group = grp.getgrgid(st.st_gid).gr_name
     except (OSError, KeyError):
         return "this user may not open it"
+    if st.st_gid == 0:  # joining group root would give far more than this socket
+        return (
+            f"only root may open it (mode {st.st_mode & 0o777:04o}, group root); for other "
+            "users the daemon needs a group of its own, as the wand units give it (group wand)"
+        )
     return f"the socket is for group {group} (ask to be added: usermod -aG {group} $USER)"

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgpack
 
+from wand.common import sockdir
 from wand.common.endpoint import resolve, runtime_dir
 from wand.common.version import __version__
 
@@ -153,6 +154,10 @@ def _private_folder(folder: Path) -> None:
             f"{folder} is not this user's private folder (uid {st.st_uid}, mode "
             f"{stat.S_IMODE(st.st_mode):04o})"
         )
+    mine = sockdir.Trust(frozenset({0, os.geteuid()}), f"root or you (uid {os.geteuid()})")
+    problem = sockdir.folder_problem(folder.parent, mine)  # could anyone swap it for theirs?
+    if problem:
+        raise Unavailable(problem)
 
 
 def try_connect(path: Path) -> socket.socket | None:

@@ -39,6 +39,12 @@ def manifest(spec: ComponentSpec, rows: list[list[Any]], nbytes: int, **info: An
     }
 
 
+def tensor_bytes(rows: list[list[Any]]) -> int:
+    """The bytes of the tensors of ``rows`` (:func:`layout`'s), without the alignment
+    between them that the slab also holds."""
+    return sum(dtypes.nbytes(dtype, shape) for _, dtype, shape, *_ in rows)
+
+
 def checksum(digests: list[bytes], method: str = "crc32") -> str:
     """The component's checksum from its tensors' digests, in manifest order; the prefix
     names the digest method (``crc32`` for CPU slabs, ``sum64`` for GPU slabs)."""

@@ -28,14 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from wand.common import dtypes, placement
+from wand.common.endpoint import check as check_endpoint
 from wand.common.errors import WandError
 from wand.load.files import is_file, read_small
 
 SYSTEM_CONFIG = Path("/etc/wand/wand.toml")
 TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
-COMPONENT_FILES = ("high_noise_model", "low_noise_model", "model", "text_encoder", "vae")
+COMPONENTS = ("high_noise_model", "low_noise_model", "model", "text_encoder", "vae")
+COMPONENT_FILES = COMPONENTS  # a single-file checkpoint names one file per component
 FILE_FLAGS = (*COMPONENT_FILES, "tokenizer")  # settings of a single-file checkpoint
-CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype", "lora", "tokenizer", *COMPONENT_FILES}
+CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype", "lora", "tokenizer", *COMPONENTS}
 LORA_KEYS = {"name", "path", "expert"}
 LORA_EXPERTS = ("high", "low", "both")
 MAX_PATH, MAX_NAME = 4096, 64
@@ -120,9 +122,9 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
     unknown = set(data) - {"endpoint", "checkpoint"}
     if unknown:
         raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
-    endpoint = data.get("endpoint")
-    if endpoint is not None and not isinstance(endpoint, str):
-        raise ConfigError(f"{where}: endpoint must be a string")
+    address = data.get("endpoint")
+    if address is not None:
+        _check_endpoint(address, where)
     entries = data.get("checkpoint", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: use [[checkpoint]] tables for checkpoints")
@@ -130,7 +132,7 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
         checkpoint(e, f"{where}: checkpoint {i + 1}") for i, e in enumerate(entries)
     )
     _unique_names(checkpoints, where)
-    return Config(checkpoints, endpoint, source)
+    return Config(checkpoints, address, source)
 
 
 def checkpoint(entry: dict[str, Any], where: str) -> CheckpointConfig:
@@ -179,14 +181,14 @@ def checkpoint(entry: dict[str, Any], where: str) -> CheckpointConfig:
     if tokenizer is not None and not _is_path(tokenizer):
         raise ConfigError(f"{where}: tokenizer must be a folder's path")
     return CheckpointConfig(
-        Path(path) if path is not None else None,
+        _absolute(path) if path is not None else None,
         name,
         task,
         device,
         dtype,
         loras,
         files,
-        Path(tokenizer) if tokenizer is not None else None,
+        _absolute(tokenizer) if tokenizer is not None else None,
     )
 
 
@@ -198,7 +200,7 @@ def _component_files(entry: dict[str, Any], where: str) -> dict[str, Path]:
             raise ConfigError(
                 f"{where}: {key} must be a file's path, at most {MAX_PATH} characters"
             )
-    return {k: Path(v) for k, v in files.items()}
+    return {k: _absolute(v) for k, v in files.items()}
 
 
 def _is_path(value: Any) -> bool:
@@ -222,7 +224,7 @@ def lora(entry: Any, where: str) -> LoraConfig:
         raise ConfigError(f"{where}: 'path' (the LoRA file) is required")
     if expert not in LORA_EXPERTS:
         raise ConfigError(f"{where}: expert must be one of {', '.join(LORA_EXPERTS)}")
-    return LoraConfig(name, Path(path), expert)
+    return LoraConfig(name, _absolute(path), expert)
 
 
 def with_overrides(config: Config, **flags: Any) -> Config:
@@ -249,6 +251,8 @@ def with_overrides(config: Config, **flags: Any) -> Config:
         changes["dtype"] = _dtype_names(flags["dtype"], "--dtype")
     checkpoints = tuple(replace(c, **changes) for c in checkpoints)
     _unique_names(checkpoints, "command line")
+    if flags.get("endpoint"):
+        _check_endpoint(flags["endpoint"], "--endpoint")
     return replace(
         config, checkpoints=checkpoints, endpoint=flags.get("endpoint") or config.endpoint
     )
@@ -280,9 +284,15 @@ def _dtype_names(value: Any, where: str) -> dict[str, str]:
 def _per_component(value: Any, where: str, what: str) -> dict[str, str]:
     if isinstance(value, str):
         return {"*": value}
-    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
-        return dict(value)
-    raise ConfigError(f"{where}: {what} must be a string or a table of strings")
+    if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+        raise ConfigError(f"{where}: {what} must be a string or a table of strings")
+    unknown = sorted(str(k)[:60] for k in value if k not in ("*", *COMPONENTS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: {what} for no component {unknown[0]!r}; components: "
+            f"{', '.join(COMPONENTS)}, or * for every one"
+        )
+    return dict(value)
 
 
 def _check_device(value: str, where: str) -> None:
@@ -300,7 +310,26 @@ def _dtype(name: str, where: str = "dtype") -> str:
         found = None
     if found is None or not dtypes.is_floating(found):
         raise ConfigError(f"{where}: {name[:60]!r} is not a floating-point dtype")
+    if found in dtypes.FP8:
+        raise ConfigError(
+            f"{where}: {name[:60]!r} is an fp8 dtype, which wand does not hold weights in yet; "
+            "use float32, float16 or bfloat16"
+        )
     return found
+
+
+def _absolute(path: str) -> Path:
+    """A path from the configuration, absolute (relative ones are taken from the daemon's
+    working folder): clients read the tokenizer and configs from the paths the daemon
+    reports, wherever they run."""
+    return Path(os.path.abspath(path))
+
+
+def _check_endpoint(value: Any, where: str) -> None:
+    try:
+        check_endpoint(value)
+    except WandError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _unique_names(checkpoints: tuple[CheckpointConfig, ...], where: str) -> None:

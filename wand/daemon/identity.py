@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
+from wand.common import placement
 from wand.common.spec import ComponentSpec
 from wand.daemon.config import CheckpointConfig
 from wand.load.files import open_regular, read_exact
@@ -34,6 +35,16 @@ def shape_key(spec: ComponentSpec, device: str) -> tuple:
         for t in spec.tensors
     )  # unscaled tensors keep the key older daemons stored their slabs under
     return (spec.cls, json.dumps(spec.config, sort_keys=True), tensors, device)
+
+
+def component_key(entry: CheckpointConfig, spec: ComponentSpec) -> tuple:
+    """``spec``'s shape key on the device ``entry`` places it on."""
+    return shape_key(spec, placement.resolve(entry.device_for(spec.name)).name)
+
+
+def same_component(a: ComponentSpec, key_a: tuple, b: ComponentSpec, key_b: tuple) -> bool:
+    """Would ``a`` and ``b`` (of shape keys ``key_a``, ``key_b``) be held in one slab?"""
+    return key_a == key_b and same_bytes(a, b)
 
 
 def stamp(spec: ComponentSpec) -> tuple:

@@ -25,7 +25,8 @@ from wand.common import placement
 from wand.common.endpoint import resolve
 from wand.common.errors import CheckpointError, DeviceError, WandError
 from wand.common.fdsocket import SUFFIX
-from wand.common.spec import CheckpointSpec, from_record
+from wand.common.sizes import size
+from wand.common.spec import CheckpointSpec, ComponentSpec, from_record
 from wand.common.version import __version__
 from wand.daemon import cachedir, config, fdstore, identity, logs, systemd
 from wand.daemon.server import Server
@@ -196,25 +197,49 @@ def check_devices(devices: dict[str, str]) -> None:
         raise config.ConfigError(str(e)) from None
 
 
+def unique_names(checkpoints: list[Checkpoint]) -> None:
+    """No two checkpoints may answer to one name (it defaults to the task's)."""
+    seen: dict[str, Checkpoint] = {}
+    for ckpt in checkpoints:
+        first = seen.setdefault(ckpt.name, ckpt)
+        if first is not ckpt:
+            raise config.ConfigError(
+                f"two checkpoints are named {ckpt.name!r} ({first.spec.path} and "
+                f"{ckpt.spec.path}; a name defaults to the task): give one a "
+                'name = "..." in its [[checkpoint]] table'
+            )
+
+
 def explain(cfg: config.Config) -> str:
-    """What --check-config prints: where things come from and what would be loaded."""
+    """What --check-config prints: where things come from, what would be loaded, how big it
+    is and which components would share one slab (as the store decides it)."""
     lines = [
         f"configuration: {cfg.source or 'none (flags only)'}",
         f"endpoint: {resolve(cfg.endpoint)}",
     ]
-    if not cfg.checkpoints:
+    checkpoints = [read(entry) for entry in cfg.checkpoints]
+    unique_names(checkpoints)
+    if not checkpoints:
         lines.append("no checkpoints: the daemon would start empty (add some with wanctl load)")
-    for entry in cfg.checkpoints:
-        ckpt = read(entry)
+    slabs: list[tuple[str, ComponentSpec, tuple]] = []  # address, spec, shape key of each
+    for ckpt in checkpoints:
         spec = ckpt.spec
         lines.append(f"checkpoint {ckpt.name}: {spec.task}, {spec.layout} layout, {spec.path}")
         for comp in spec.components.values():
-            device = entry.device_for(comp.name)
-            dtypes = sorted({t.dtype for t in comp.tensors})
+            key = identity.component_key(ckpt.config, comp)
+            twin = next((a for a, c, k in slabs if identity.same_component(c, k, comp, key)), None)
+            if twin is None:
+                slabs.append((f"{ckpt.name}/{comp.name}", comp, key))
+            dtypes = "+".join(sorted({t.dtype for t in comp.tensors}))
             lines.append(
                 f"  {comp.name}: {comp.cls.split(':')[1]}, {len(comp.tensors)} tensors, "
-                f"{comp.nbytes / 1e9:.2f} GB as {'+'.join(dtypes)} on {device}"
+                f"{size(comp.nbytes)} as {dtypes} on {ckpt.config.device_for(comp.name)}"
+                + (f", shared with {twin}" if twin else "")
             )
+    if checkpoints:
+        components = sum(len(c.spec.components) for c in checkpoints)
+        total = sum(c.nbytes for _, c, _ in slabs)
+        lines.append(f"resident: {len(slabs)} slabs for {components} components, {size(total)}")
     lines.append("OK")
     return "\n".join(lines)
 
@@ -244,6 +269,7 @@ class Daemon:
         try:
             known = dict(kept.specs)
             checkpoints = [read(entry, known) for entry in self.config.checkpoints]  # before bind
+            unique_names(checkpoints)
         except BaseException:
             for s in kept.slabs.values():
                 s.close()
@@ -258,21 +284,22 @@ class Daemon:
         zmq_fd, fds_fd, endpoint = _sockets(kept.sockets)
         self.server = Server(self.store, endpoint or resolve(self.config.endpoint), self, self.ring)
         self.server.bind(zmq_fd, fds_fd)
-        for ckpt in checkpoints:
-            self.store.add(ckpt)
-        self.store.discard_stored(set(kept.specs) - {c.fingerprint for c in checkpoints})
-        self.notify.status(self._progress())
-        self.notify.extend_timeout(EXTEND_BY)
-        self._last_status = self._last_extend = time.monotonic()
         loader = threading.Thread(target=self._loader, name="loader", daemon=True)
-        loader.start()
-        self._signals()
-        try:
+        try:  # from here on, whatever ends the daemon removes its sockets
+            for ckpt in checkpoints:
+                self.store.add(ckpt)
+            self.store.discard_stored(set(kept.specs) - {c.fingerprint for c in checkpoints})
+            self.notify.status(self._progress())
+            self.notify.extend_timeout(EXTEND_BY)
+            self._last_status = self._last_extend = time.monotonic()
+            loader.start()
+            self._signals()
             self.server.serve(tick=self._tick)
         finally:
             self.notify.stopping()
             self.store.close()
-            loader.join(STOP_WAIT)  # a load in progress stops at its next tensor
+            if loader.ident is not None:
+                loader.join(STOP_WAIT)  # a load in progress stops at its next tensor
             self.server.close()
         if self.fatal is not None:
             raise self.fatal
@@ -349,6 +376,7 @@ class Daemon:
             ckpt = self._read_for_reload(entry, entry.name or entry.source, report)
             if ckpt is not None:
                 ckpt.extra_loras = list(extra)
+                unique_names([*wanted.values(), ckpt])
                 wanted[ckpt.name] = ckpt
         for name, loaded in self.store.snapshot().checkpoints.items():
             if loaded.origin == "runtime":

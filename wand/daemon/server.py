@@ -26,13 +26,14 @@ from typing import Any, Protocol
 
 import zmq
 
-from wand.common import protocol
+from wand.common import protocol, sockdir
 from wand.common.endpoint import socket_path
 from wand.common.errors import ProtocolError, WandError
 from wand.common.fdsocket import FdServer, fd_socket_path
 from wand.common.spec import LORA_PREFIX, is_lora
 from wand.common.version import __version__
 from wand.daemon.logs import RingBuffer
+from wand.daemon.peers import DOMAIN, Authenticator, Peer
 from wand.daemon.processes import ClientTable
 from wand.daemon.store import Checkpoint, Resident, Snapshot, Store
 
@@ -63,31 +64,6 @@ class Control(Protocol):
     def state(self) -> str: ...
 
 
-class Peer:
-    """Who sent a request: the kernel's credentials of the ipc connection, and the client
-    process they name (None over transports without credentials, e.g. tcp://)."""
-
-    def __init__(self, frame: zmq.Frame, start: Any, clients: ClientTable) -> None:
-        self.uid, pid = _credentials(frame)
-        if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
-            raise WandError(f"'start' must be an integer, got {protocol.short(start)}", "bad_args")
-        self.start: int | None = start
-        self.proc = clients.get(pid, self.uid, start) if pid is not None else None
-
-    def needs_start(self) -> None:
-        """Lease operations must say which process they come from, beyond its pid."""
-        if self.start is None:
-            raise WandError(
-                "lease operations need 'start', the client process's start time "
-                "(/proc/self/stat field 22), so that a reused pid inherits nothing",
-                "bad_args",
-            )
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-
 class Server:
     def __init__(
         self, store: Store, endpoint: str, control: Control, logs: RingBuffer | None = None
@@ -113,8 +89,10 @@ class Server:
             (zmq.SNDHWM, SEND_HWM),
             (zmq.RCVHWM, RECV_HWM),
             (zmq.HANDSHAKE_IVL, HANDSHAKE_MS),
+            (zmq.ZAP_DOMAIN, DOMAIN),  # each connection's opener is taken when it greets
         ):
             self._sock.setsockopt(option, value)
+        self._zap = Authenticator(self._ctx)
         self._ops: dict[str, Callable[[Peer, dict], Any]] = {
             op: getattr(self, f"_{op}") for op in protocol.OPS
         }
@@ -183,6 +161,7 @@ class Server:
         tick()
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._zap.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         watched: set[int] = set()
         while not self.stopping:
@@ -219,6 +198,7 @@ class Server:
         if self.fds is not None:
             self.fds.close()
         self._sock.close(linger=0)
+        self._zap.close()
         self._ctx.term()
         path = socket_path(self.endpoint)
         if path is not None and not self._inherited:  # systemd owns inherited sockets
@@ -238,6 +218,8 @@ class Server:
     def _ready(self, sock: Any) -> None:
         if sock is self._sock:
             self._serve_some()
+        elif sock is self._zap.sock:
+            self._zap.serve_some()
         elif sock == self._wake_r:
             while True:
                 try:
@@ -517,7 +499,11 @@ class Server:
 
     def _unload_lora(self, peer: Peer, args: dict) -> dict:
         name, force = protocol.text(args, "name"), protocol.flag(args, "force")
-        ckpt = self.store.checkpoint(protocol.text(args, "checkpoint", required=False))
+        checkpoint = protocol.text(args, "checkpoint", required=False)
+        if "/" in name:  # an address, as wanctl ls prints it: t2v-A14B/lora:style
+            checkpoint, name = name.split("/", 1)
+            name = name.removeprefix(LORA_PREFIX)
+        ckpt = self._holder(checkpoint, name)
         component = LORA_PREFIX + name
         if component not in ckpt.spec.components:
             held = [c.removeprefix(LORA_PREFIX) for c in ckpt.spec.components if is_lora(c)]
@@ -535,6 +521,27 @@ class Server:
         revoked = self._take_away(address, [address], force, drop)
         log.info("unloaded LoRA %s", address, extra={"WAND_CHECKPOINT": ckpt.name})
         return {"name": address, "revoked": revoked}
+
+    def _holder(self, checkpoint: str | None, lora: str) -> Checkpoint:
+        """The checkpoint named, else the one that holds a LoRA ``lora`` (or the only one)."""
+        if checkpoint is not None:
+            return self.store.checkpoint(checkpoint)
+        held = self.store.snapshot().checkpoints.values()
+        holders = [c for c in held if LORA_PREFIX + lora in c.spec.components]
+        if len(holders) > 1:
+            where = ", ".join(f"{c.name}/{LORA_PREFIX}{lora}" for c in holders)
+            raise WandError(
+                f"several checkpoints hold a LoRA {protocol.short(lora)}: {where}; say which "
+                "(the address, or wanctl: --checkpoint NAME)",
+                "ambiguous_component",
+            )
+        if holders or len(held) < 2:
+            return holders[0] if holders else self.store.checkpoint(None)
+        loras = ", ".join(f"{c.name}/{x}" for c in held for x in c.spec.components if is_lora(x))
+        raise WandError(
+            f"no checkpoint holds a LoRA {protocol.short(lora)}; held: {loras or 'none'}",
+            "unknown_component",
+        )
 
     def _take_away(
         self, what: str, addresses: list[str], force: bool, drop: Callable[[], list[Resident]]
@@ -643,18 +650,6 @@ def _memory(index: int) -> tuple[int | None, int | None]:
         return None, None
 
 
-def _credentials(frame: zmq.Frame) -> tuple[int, int | None]:
-    """(uid, pid) of the sender of an ipc message; (-1, None) when the transport has none."""
-    try:
-        addr = frame.get("Peer-Address")
-    except zmq.ZMQError:
-        return -1, None
-    parts = addr.split(":") if isinstance(addr, str) else []
-    if len(parts) == 4 and parts[0] == "localhost" and parts[1].isdigit() and parts[3].isdigit():
-        return int(parts[1]), int(parts[3])
-    return -1, None
-
-
 def _claim(path: Path, endpoint: str) -> None:
     """Make ``path``'s directory safe to listen in, and the path free: refuse a directory
     another user owns or may write to, refuse a live socket, remove a stale one."""
@@ -680,24 +675,19 @@ def _claim(path: Path, endpoint: str) -> None:
 
 
 def _safe_directory(folder: Path) -> None:
-    """The socket directory: created 0755 if missing (whatever the umask), else required to be
-    owned by root or this user and writable by no one else."""
-    if not folder.exists():
-        missing = [p for p in (folder, *folder.parents) if not p.exists()]
-        for p in reversed(missing):
-            os.mkdir(p, 0o755)
-            os.chmod(p, 0o755)
-        return
-    st = os.stat(folder)
-    if st.st_uid not in (0, os.geteuid()):
-        raise WandError(
-            f"socket directory {folder} belongs to uid {st.st_uid}, not to root or this "
-            f"daemon's user (uid {os.geteuid()}); refusing to listen there",
-            "config",
-        )
-    if st.st_mode & 0o022:
-        raise WandError(
-            f"socket directory {folder} is writable by others (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}); refusing to listen there",
-            "config",
-        )
+    """The socket directory: every folder above it owned by root or this user and writable by
+    no one else unless sticky (checked before anything is created in them); the directory
+    itself created 0755 if missing (whatever the umask), else required to be writable by no
+    one else (``wand/common/sockdir.py``)."""
+    trust = sockdir.daemon_trust()
+    _refuse(folder, sockdir.folder_problem(folder, trust))
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for p in reversed(missing):
+        os.mkdir(p, 0o755)
+        os.chmod(p, 0o755)
+    _refuse(folder, sockdir.folder_problem(folder, trust, strict=True))
+
+
+def _refuse(folder: Path, problem: str | None) -> None:
+    if problem:
+        raise WandError(f"socket directory {folder}: {problem}; refusing to listen there", "config")

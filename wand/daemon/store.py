@@ -204,7 +204,15 @@ class Store:
                 return next(iter(self._checkpoints.values()))
             if isinstance(name, str) and name in self._checkpoints:
                 return self._checkpoints[name]
-            which = "say which" if name is None else f"no checkpoint {str(name)[:100]!r}"
+            if name is None and self._checkpoints:
+                raise WandError(
+                    f"several checkpoints are loaded ({self._names()}): say which one "
+                    "(wanctl: --checkpoint NAME)",
+                    "ambiguous_component",
+                )
+            which = (
+                "no checkpoint is loaded" if name is None else f"no checkpoint {str(name)[:100]!r}"
+            )
             raise WandError(f"{which}; loaded: {self._names()}", "unknown_component")
 
     def add_component(self, name: str, comp: ComponentSpec) -> Resident:
@@ -241,7 +249,7 @@ class Store:
             for comp in ckpt.spec.components.values():
                 addr = f"{ckpt.name}/{comp.name}"
                 current = self._addresses.get(addr)
-                key = identity.shape_key(comp, _device(ckpt.config, comp.name).name)
+                key = identity.component_key(ckpt.config, comp)
                 if (
                     current
                     and current.key == key
@@ -456,7 +464,7 @@ class Store:
         for r in candidates:  # reading files happens outside the lock
             if not r.adopted and identity.stamp(r.spec) != r.stamp:
                 continue  # its files changed since it was loaded: not the same bytes any more
-            if identity.same_bytes(r.spec, resident.spec):
+            if identity.same_component(r.spec, r.key, resident.spec, resident.key):
                 return r
         return None
 

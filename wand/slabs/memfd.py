@@ -21,6 +21,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from wand.common.errors import WandError
+from wand.slabs import room
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +44,7 @@ class MemfdSlab:
         if fd is not None:  # adopted from systemd's fd store
             self.fd = fd
             return
-        check_room(nbytes)
+        room.check(nbytes)
         self.fd = os.memfd_create(f"wand:{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, nbytes)
@@ -159,49 +160,6 @@ def _reserve(fd: int, nbytes: int, label: str) -> None:
                 "memory",
             ) from None
         raise
-
-
-def check_room(nbytes: int) -> None:
-    """Refuse a slab that cannot fit in the memory this process may still use."""
-    room = available_memory()
-    if room is not None and nbytes > room:
-        raise WandError(
-            f"not enough memory: a slab of {nbytes / 1e9:.2f} GB does not fit in the "
-            f"{room / 1e9:.2f} GB available",
-            "memory",
-        )
-
-
-def available_memory() -> int | None:
-    """MemAvailable, or what this process's cgroup (v2) still allows if that is less."""
-    rooms = [_meminfo_available(), _cgroup_room()]
-    known = [r for r in rooms if r is not None]
-    return min(known) if known else None
-
-
-def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _cgroup_room() -> int | None:
-    try:
-        with open("/proc/self/cgroup") as f:
-            path = next(line[3:].strip() for line in f if line.startswith("0::"))
-        base = f"/sys/fs/cgroup{path}"
-        with open(f"{base}/memory.max") as f:
-            limit = f.read().strip()
-        with open(f"{base}/memory.current") as f:
-            current = int(f.read())
-    except (OSError, StopIteration, ValueError):
-        return None
-    return None if limit == "max" else max(int(limit) - current, 0)
 
 
 def seal_bytes(name: str, data: bytes) -> int:

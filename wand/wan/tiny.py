@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from wand.wan import original_names, tiny_files
 from wand.wan.latents import LATENTS
@@ -204,6 +204,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _save(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file made like the others, its mode from the umask (safetensors'
+    ``save_file`` makes them 0600: a service user could not read them)."""
+    path.write_bytes(save(state, metadata={"format": "pt"}))
+
+
 def _write_shards(folder: Path, stem: str, state: dict[str, torch.Tensor], n: int) -> None:
     """``{stem}-0000i-of-0000n.safetensors`` plus ``{stem}.safetensors.index.json``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -215,7 +221,7 @@ def _write_shards(folder: Path, stem: str, state: dict[str, torch.Tensor], n: in
         part = {
             k: state[k].contiguous() for k in keys[i * len(keys) // n : (i + 1) * len(keys) // n]
         }
-        save_file(part, str(folder / shard), metadata={"format": "pt"})
+        _save(part, folder / shard)
         weight_map.update(dict.fromkeys(part, shard))
     total = sum(t.numel() * t.element_size() for t in state.values())
     _write_json(
@@ -272,9 +278,7 @@ def _write_diffusers(root: Path, info: Task, models: dict[str, _Model]) -> None:
     _write_shards(root / "text_encoder", "model", t5.state, 2)
     vae = models["vae"]
     skeleton(vae.cls, vae.config).save_config(str(root / "vae"))
-    save_file(
-        vae.state, str(root / "vae" / "diffusion_pytorch_model.safetensors"), {"format": "pt"}
-    )
+    _save(vae.state, root / "vae" / "diffusion_pytorch_model.safetensors")
     for expert in info.experts:
         model, folder = models[expert], root / DIFFUSERS_EXPERT_DIRS[expert]
         skeleton(model.cls, model.config).save_config(str(folder))
