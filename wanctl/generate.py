@@ -406,13 +406,13 @@ def _geometry(info: dict[str, Any]) -> Geometry | None:
 def rooms(status: dict[str, Any], checkpoint: str) -> dict[str, tuple[str, int | None]]:
     """Per phase of a generation (:func:`wand.wan.footprint.phases`), the device it runs on
     and the memory free there (None: unknown): the experts', the VAE's, the CPU."""
-    from wand.slabs.memfd import available_memory
+    from wand.slabs import room as memory
     from wand.wan.tasks import TASKS
 
     info = next(c for c in status["checkpoints"] if c["name"] == checkpoint)
     comps = {c["name"]: c for c in status["components"]}
     free = {g["uuid"]: g.get("free_bytes") for g in status.get("gpus", [])}
-    cpu = ("cpu", available_memory())
+    cpu = ("cpu", memory.available())
 
     def room(component: str) -> tuple[str, int | None]:
         c = comps.get(info["components"][component], {})

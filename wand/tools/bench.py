@@ -133,9 +133,7 @@ def script_times(
     run), ``python script.py``, and a script that loads them with ``from_pretrained``."""
     script = work / "four_modules.py"
     script.write_text(SCRIPT.format(components=COMPONENTS))
-    runtime = work / "run"  # the bench's own warm client, stopped at the end
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    env = {**os.environ, "WAND_ENDPOINT": endpoint, "XDG_RUNTIME_DIR": str(runtime)}
+    env = _warm_env(work, endpoint)  # the bench's own warm client, stopped at the end
     wanctl = [sys.executable, "-m", "wanctl", "run", str(script)]
     commands = {"wanctl_run": wanctl, "python": [sys.executable, str(script)]}
     if baseline_dir is not None:
@@ -149,9 +147,7 @@ def script_times(
             for name, cmd in commands.items()
         } | {"runs": repeat}
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "wanctl", "warm", "stop"], env=env, capture_output=True
-        )
+        _stop_warm(env)
 
 
 def _until_ready(cmd: list[str], env: dict[str, str]) -> float:
@@ -176,11 +172,15 @@ def generate_times(work: Path, preset: str, repeat: int, width: int) -> dict[str
     endpoint = f"ipc://{work}/generate.sock"
     daemon = start_daemon(original, endpoint, work / f"generate-{preset}.log")
     out = work / "generate.mp4"
-    wanctl = ["-m", "wanctl", "--endpoint", endpoint, "generate", "--json", "--out", str(out)]
+    wanctl = ["-m", "wanctl", "--endpoint", endpoint, "generate", "--json", "--overwrite"]
+    wanctl += ["--out", str(out), *_generation_options()]
+    env = _warm_env(work, endpoint)
     try:
         _wait_loaded(daemon, endpoint)
-        wand = [_to_first_step([*wanctl, *_generation_options()]) for _ in range(repeat)]
+        _to_first_step(wanctl, env)  # starts the warm client: not timed
+        runs = [_generate_run(wanctl, env) for _ in range(repeat)]
     finally:
+        _stop_warm(env)
         daemon.terminate()
         daemon.wait(30)
     baseline = [
@@ -191,10 +191,36 @@ def generate_times(work: Path, preset: str, repeat: int, width: int) -> dict[str
     return {
         "tensors": sum(len(c.tensors) for c in spec.components.values()),
         "resident_bytes": sum(c.nbytes for c in spec.components.values()),
-        "wand_seconds": statistics.median(wand),
+        "wand_seconds": statistics.median(r["seconds"] for r in runs),
+        "wand_encode_seconds": statistics.median(r["encode"] for r in runs),
+        "wand_rest_seconds": statistics.median(r["seconds"] - r["encode"] for r in runs),
+        "parts": {n: statistics.median(r["parts"][n] for r in runs) for n in runs[0]["parts"]},
         "from_pretrained_seconds": statistics.median(baseline),
         "runs": repeat,
     }
+
+
+def _generate_run(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """One ``wanctl generate``: seconds from its launch to its first step, and its timeline."""
+    start = time.time()
+    out = subprocess.run(
+        [sys.executable, *cmd], env=env, capture_output=True, text=True, check=True
+    )
+    report = json.loads(out.stdout)
+    parts = report["timeline"]["parts"]
+    seconds = report["first_step_at"] - start
+    return {"seconds": seconds, "encode": parts["prompt encoding"], "parts": parts}
+
+
+def _warm_env(work: Path, endpoint: str) -> dict[str, str]:
+    """The environment of the bench's own warm client (its runtime folder is in ``work``)."""
+    runtime = work / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    return {**os.environ, "WAND_ENDPOINT": endpoint, "XDG_RUNTIME_DIR": str(runtime)}
+
+
+def _stop_warm(env: dict[str, str]) -> None:
+    subprocess.run([sys.executable, "-m", "wanctl", "warm", "stop"], env=env, capture_output=True)
 
 
 def restart_times(checkpoint: Path, work: Path, *flags: str) -> dict[str, Any]:
@@ -257,10 +283,12 @@ def lora_times(work: Path, checkpoint: Path, endpoint: str, repeat: int) -> dict
     }
 
 
-def _to_first_step(args: list[str]) -> float:
+def _to_first_step(args: list[str], env: dict[str, str] | None = None) -> float:
     """Run ``python *args``; seconds from its launch to the first denoising step it reports."""
     start = time.time()
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, check=True, env=env
+    )
     return json.loads(out.stdout)["first_step_at"] - start
 
 
@@ -573,10 +601,13 @@ def render_lora(x: dict[str, Any]) -> list[str]:
 
 def render_generate(preset: str, g: dict[str, Any]) -> str:
     w, f = g["wand_seconds"], g["from_pretrained_seconds"]
+    parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in g["parts"].items())
     return (
         f"to 1st denoising step    {w:8.3f} s  wanctl generate vs {f:.3f} s from_pretrained "
         f"({f / w:.1f}x; {preset} checkpoint: {g['tensors']} tensors, "
-        f"{g['resident_bytes'] / 1e6:.1f} MB; from process start, median of {g['runs']})"
+        f"{g['resident_bytes'] / 1e6:.1f} MB; from process start, median of {g['runs']}); "
+        f"without prompt encoding {g['wand_rest_seconds']:.3f} s (target <= 0.5 s)\n"
+        f"                           parts: {parts}"
     )
 
 
