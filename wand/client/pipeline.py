@@ -7,6 +7,8 @@ the text embeddings of recent prompts, and times the phases of each call.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import time
 from collections import OrderedDict
@@ -119,11 +121,33 @@ class Modules(Protocol):
 
 @cache
 def tokenizer(folder: str) -> Any:
-    """The tokenizer in ``folder``, loaded once per process (the warm client loads it ahead;
-    a pipeline changes nothing in it)."""
+    """The tokenizer in ``folder``, loaded once per process (a pipeline changes nothing in
+    it)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
+
+
+def scheduler(config: dict[str, Any], shift: float) -> Any:
+    """A new UniPC flow scheduler of ``config`` at ``shift``: a copy of one built once per
+    process (building one imports every compatible scheduler and computes its tables; a
+    scheduler keeps the state of a generation, so each pipeline gets its own)."""
+    return copy.deepcopy(_scheduler(json.dumps(config, sort_keys=True), shift))
+
+
+@cache
+def _scheduler(config: str, shift: float) -> Any:
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler.from_config(json.loads(config), flow_shift=shift)
+
+
+def ahead(info: dict[str, Any]) -> None:
+    """Load what :func:`build` needs besides the modules for checkpoint ``info`` (the warm
+    client does it before it forks scripts)."""
+    scheduler(info["extras"]["scheduler"], SAMPLING[info["task"]].shift)
+    if info["tokenizer"]:
+        tokenizer(info["tokenizer"])
 
 
 def build(client: Modules, checkpoint: str | None = None, **overrides: Any) -> VideoPipeline:
@@ -132,8 +156,6 @@ def build(client: Modules, checkpoint: str | None = None, **overrides: Any) -> V
     ``overrides`` replace constructor arguments of the diffusers pipeline (``scheduler``,
     ``boundary_ratio``, a component...).
     """
-    from diffusers import UniPCMultistepScheduler
-
     info = pick(client.checkpoints(), checkpoint)
     task, extras = info["task"], info["extras"]
     if info["tokenizer"] is None:
@@ -145,9 +167,7 @@ def build(client: Modules, checkpoint: str | None = None, **overrides: Any) -> V
         "text_encoder": client.module(info["components"]["text_encoder"]),
         "vae": client.module(info["components"]["vae"]),
         # the release's shift for every layout: -Diffusers folders say 3.0 for both A14B
-        "scheduler": UniPCMultistepScheduler.from_config(
-            extras["scheduler"], flow_shift=sampling.shift
-        ),
+        "scheduler": scheduler(extras["scheduler"], sampling.shift),
         "transformer": experts[0],
         "transformer_2": experts[1] if len(experts) > 1 else None,
         "boundary_ratio": extras["boundary_ratio"],

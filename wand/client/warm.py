@@ -79,7 +79,13 @@ class Warm:
 
         self.threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        from diffusers import (  # noqa: F401  (pipelines import these lazily)
+            UniPCMultistepScheduler,
+            WanImageToVideoPipeline,
+            WanPipeline,
+        )
         from diffusers.utils import export_to_video  # noqa: F401  (what wanctl generate uses)
+        from peft.tuners.lora import LoraLayer  # noqa: F401  (what LoRAs on pipelines use)
         from PIL import Image  # noqa: F401
 
         from wand.client import pipeline  # noqa: F401  (with diffusers' pipelines)
@@ -108,7 +114,7 @@ class Warm:
         for address in ready.keys() - self.held.keys():
             self._build(address)
         if status is not None:
-            self._tokenizers(status)
+            self._pipeline_parts(status)
         gc.collect()
         gc.freeze()
 
@@ -137,15 +143,15 @@ class Warm:
         self.held[address] = att.slab
         log.info("%s built ahead (slab %s)", address, att.slab)
 
-    def _tokenizers(self, status: dict[str, Any]) -> None:
-        from wand.client.pipeline import tokenizer
+    def _pipeline_parts(self, status: dict[str, Any]) -> None:
+        """Each checkpoint's tokenizer and scheduler, for ``c.pipeline()`` in the scripts."""
+        from wand.client.pipeline import ahead
 
         for ckpt in status.get("checkpoints", []):
-            if ckpt.get("tokenizer"):
-                try:
-                    tokenizer(ckpt["tokenizer"])
-                except (OSError, ValueError) as e:
-                    log.warning("tokenizer of %s not loaded ahead: %s", ckpt["name"], e)
+            try:
+                ahead(ckpt)
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("pipeline parts of %s not made ahead: %s", ckpt["name"], e)
 
     # --- serving --------------------------------------------------------------------------
 
