@@ -45,7 +45,8 @@ def refused(daemon, tmp_path, *option: str) -> str:
     """Run ``wanctl generate`` in this process, expecting exit 2, no output file and nothing
     attached; the message it printed."""
     out = tmp_path / "refused.mp4"
-    argv = ["--endpoint", daemon.endpoint, "generate", *TINY, "--out", str(out), *option]
+    argv = ["--endpoint", daemon.endpoint, "generate", "--plain", *TINY, "--out", str(out)]
+    argv += option
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert main(argv) == 2
     assert not out.exists()

@@ -34,7 +34,7 @@ from wand.load.files import is_file, read_small
 
 SYSTEM_CONFIG = Path("/etc/wand/wand.toml")
 TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
-COMPONENTS = ("high_noise_model", "low_noise_model", "model", "text_encoder", "vae")
+COMPONENTS = ("text_encoder", "vae", "high_noise_model", "low_noise_model", "model")
 COMPONENT_FILES = COMPONENTS  # a single-file checkpoint names one file per component
 FILE_FLAGS = (*COMPONENT_FILES, "tokenizer")  # settings of a single-file checkpoint
 CHECKPOINT_KEYS = {"name", "path", "task", "device", "dtype", "lora", "tokenizer", *COMPONENTS}
