@@ -18,9 +18,15 @@ import wand
 COMPONENTS = ("text_encoder", "vae", "high_noise_model", "low_noise_model")
 
 
-def run_client(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_client(
+    code: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -87,7 +93,11 @@ print("wrote")
 def test_a_client_cannot_write_into_a_slab(daemon):
     out = run_client(WRITER, daemon.endpoint)
     assert "attached" in out.stdout and "wrote" not in out.stdout
-    assert out.returncode in (-signal.SIGSEGV, -signal.SIGBUS)
+    assert out.returncode == -signal.SIGSEGV
+    (hint,) = [line for line in out.stderr.splitlines() if line.startswith("wand:")]
+    assert "a write into the read-only slab" in hint and "-vae" in hint and "writable=True" in hint
+    quiet = run_client(WRITER, daemon.endpoint, env={"WAND_SEGV_HINT": "0"})
+    assert quiet.returncode == -signal.SIGSEGV and "wand:" not in quiet.stderr
     with daemon.connect() as c:
         assert c.attachment("vae").verify()
         c.detach("vae")

@@ -416,3 +416,24 @@ def test_a_killed_command_takes_its_script_along(warm, tmp_path):
         time.sleep(0.05)
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
     assert warm.run("-c", "print('next')").stdout == "next\n"  # and it serves the next one
+
+
+def test_a_skeleton_made_ahead_is_bound_in_the_script(daemon):
+    """What the warm client holds for a GPU component (it must not map one: CUDA cannot be
+    initialised before a fork): its skeleton, which module() binds to the script's own
+    mapping. Shown here with a CPU slab."""
+    from wand.client import prebuilt
+    from wand.wan.modules import skeleton
+
+    with daemon.connect() as c:
+        att = c.attachment("vae")
+        skel = skeleton(att.manifest["cls"], att.manifest["config"])
+        prebuilt.put_skeleton(att.slab, skel)
+        module = c.module("vae")
+        assert module is skel and prebuilt.take_skeleton(att.slab) is None
+        bound = dict(module.named_parameters())
+        assert all(
+            bound[k].data_ptr() == t.data_ptr() for k, t in att.tensors.items() if k in bound
+        )
+        c.detach("vae")
+        c.detach("vae")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from wand import slabs
-from wand.client import prebuilt
+from wand.client import prebuilt, readonly
 from wand.common import fdsocket, protocol, sockdir
 from wand.common.endpoint import check, describe, resolve, socket_path
 from wand.common.errors import ConnectError, DaemonError, WandError
@@ -222,6 +222,8 @@ class Client:
                 )
             fds = self._path.parent / Path(str(handle["fds"])).name
             fd = fdsocket.fetch(fds, str(handle["ticket"]), self.timeout)
+            if not writable:
+                readonly.install()  # a write into it will say why it kills the process
             return slabs.map_fd(handle, fd, writable)
 
 
@@ -239,6 +241,9 @@ class Attachment:
     def module(self) -> torch.nn.Module:
         from wand.wan import modules
 
+        ahead = prebuilt.take_skeleton(self.slab) if not self.writable else None
+        if ahead is not None:  # a GPU slab's skeleton, made by the warm client
+            return modules.bind(ahead, self.tensors)
         return modules.build(self.manifest["cls"], self.manifest["config"], self.tensors)
 
     def verify(self) -> bool:

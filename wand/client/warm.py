@@ -103,16 +103,16 @@ class Warm:
         those whose slab changed or went. Without a daemon there is nothing to hold."""
         status = self._status()
         ready = {
-            c["name"]: c["slab"]
+            c["name"]: (c["slab"], c["device"])
             for c in (status or {}).get("components", [])
-            if c["state"] == "ready" and c["device"] == "cpu" and c["class"] != "wand:lora"
+            if c["state"] == "ready" and c["class"] != "wand:lora"
         }
         for address, token in list(self.held.items()):
-            if ready.get(address) != token:
+            if ready.get(address, (None,))[0] != token:
                 prebuilt.drop(token)
                 del self.held[address]
         for address in ready.keys() - self.held.keys():
-            self._build(address)
+            self._build(address, on_gpu=ready[address][1] != "cpu")
         if status is not None:
             self._pipeline_parts(status)
         gc.collect()
@@ -132,16 +132,26 @@ class Warm:
             self.client = None
             return None
 
-    def _build(self, address: str) -> None:
+    def _build(self, address: str, on_gpu: bool) -> None:
+        """A CPU component's module, bound to its mapping; a GPU component's skeleton only
+        (mapping it would initialise CUDA here: each script maps and binds it itself)."""
+        from wand.wan.modules import skeleton
+
         try:
-            att = self.client.attachment(address)
-            prebuilt.put(att.slab, att.module())
+            if on_gpu:
+                reply = self.client.request("attach", name=address)  # its manifest, unmapped
+                man, token = reply["manifest"], str(reply["handle"]["token"])
+                prebuilt.put_skeleton(token, skeleton(man["cls"], man["config"]))
+            else:
+                att = self.client.attachment(address)
+                token, built = att.slab, att.module()
+                prebuilt.put(token, built)
             self.client.detach(address)  # the mapping stays; the lease is each script's
         except WandError as e:
             log.warning("%s: not built ahead (%s)", address, e)
             return
-        self.held[address] = att.slab
-        log.info("%s built ahead (slab %s)", address, att.slab)
+        self.held[address] = token
+        log.info("%s %s ahead (slab %s)", address, "skeleton" if on_gpu else "built", token)
 
     def _pipeline_parts(self, status: dict[str, Any]) -> None:
         """Each checkpoint's tokenizer and scheduler, for ``c.pipeline()`` in the scripts."""
