@@ -61,3 +61,46 @@ def test_module_outputs_match_from_pretrained(tiny, start_daemon, task, layout):
             out, expected = forward(served, comp), forward(ref, comp)
             assert out.shape == expected.shape
             assert torch.equal(out, expected), f"{task} {layout} {comp}"
+
+
+def test_binding_sets_every_entry_and_refuses_a_wrong_one(tiny):
+    """The fast bind: every parameter is the given tensor, nothing is left on meta or in
+    training mode, the rotary tables are real; a missing entry, an extra one or a wrong shape
+    is a BindError naming it."""
+    from wand.common.errors import BindError
+    from wand.wan import load_state_dict, read_checkpoint
+    from wand.wan.modules import bind, skeleton
+
+    spec = read_checkpoint(tiny()).components["high_noise_model"]
+    state = load_state_dict(spec)
+    module = bind(skeleton(spec.cls, spec.config), state)
+    for name, p in module.named_parameters():
+        assert p.data_ptr() == state[name].data_ptr() and not p.requires_grad, name
+    assert not any(m.training for m in module.modules())
+    assert not module.rope.freqs_cos.is_meta and module.rope.freqs_cos.abs().sum() > 0
+    for broken, word in (
+        ({k: v for k, v in state.items() if k != "proj_out.weight"}, "missing proj_out.weight"),
+        ({**state, "nonsense": state["proj_out.weight"]}, "unexpected nonsense"),
+        ({**state, "proj_out.bias": torch.zeros(3)}, r"proj_out.bias \[3\]"),
+    ):
+        with pytest.raises(BindError, match=word):
+            bind(skeleton(spec.cls, spec.config), broken)
+
+
+def test_a_module_that_customises_loading_is_bound_the_general_way():
+    """A module with its own ``_load_from_state_dict`` gets it called (load_state_dict), not
+    the attribute walk, which would bypass it."""
+    from wand.wan.modules import bind
+
+    class Renaming(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(2, device="meta"))
+            self.calls = 0
+
+        def _load_from_state_dict(self, state_dict, prefix, *args, **kw):
+            self.calls += 1
+            super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+
+    m = bind(Renaming(), {"weight": torch.ones(2)})
+    assert m.calls == 1 and torch.equal(m.weight, torch.ones(2)) and not m.training
