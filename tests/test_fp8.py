@@ -394,6 +394,22 @@ def test_the_gpu_staging_path_quantizes_as_the_cpu_loader(tiny, written):
                 assert torch.equal(got, expected), (comp.name, capacity)
 
 
+def test_the_cpu_loader_quantizes_tensors_larger_than_its_scratch(tiny, monkeypatch):
+    """A tensor read in pieces is read twice: its maximum first, then its values."""
+    from wand.common import manifest
+    from wand.load import cpu
+
+    spec = read_checkpoint(tiny("t2v-A14B", "original"), dtypes=fp8_for("t2v-A14B"))
+    comp = spec.components["high_noise_model"]
+    rows, nbytes = manifest.layout(comp)
+    whole = torch.zeros(nbytes, dtype=torch.uint8)
+    _, scales = cpu.fill(whole, comp, rows)
+    monkeypatch.setattr(cpu, "SCRATCH_BYTES", 96)  # 24 float32 values a piece
+    pieces = torch.zeros(nbytes, dtype=torch.uint8)
+    assert cpu.fill(pieces, comp, rows)[1] == scales
+    assert torch.equal(pieces, whole)
+
+
 def check_config(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "wand.daemon", *flags, "--check-config"],

@@ -110,13 +110,14 @@ def read_tensor(
         for first in pieces:
             cast_into(out[first : first + per_piece], read(first), t.scale)
         return kept_scale(dst.dtype, t.scale)
-    amax = torch.zeros((), dtype=info.dtype)
+    amax, values = torch.zeros((), dtype=info.dtype), None
     for first in pieces:
-        amax = torch.maximum(amax, read(first).abs().amax())
+        values = read(first)
+        amax = torch.maximum(amax, values.abs().amax())
     scale = fp8_scale(amax, info.dtype, dst.dtype)
-    for first in pieces:  # a tensor of one piece is in the scratch still
-        piece = read(first) if len(pieces) > 1 else scratch[: out.numel() * info.dtype.itemsize]
-        quantize_into(out[first : first + per_piece], piece.view(info.dtype), scale)
+    for first in pieces:  # a tensor of one piece is still in the scratch: read once
+        values = values if len(pieces) == 1 else read(first)
+        quantize_into(out[first : first + per_piece], values, scale)
     return scale.item()
 
 
