@@ -287,6 +287,19 @@ def test_modules_quantized_at_load_compute_as_their_dequantized_weights(served):
         assert all(start <= ptr < end for _, ptr in after.values()), n  # in the slab
 
 
+def test_a_module_cast_to_another_dtype_keeps_its_values(served):
+    """``module.to(torch.bfloat16)`` casts each fp8 weight into a private copy: its scale
+    goes into that copy, so the module computes what it did."""
+    with served.connect() as c:
+        att = c.attachment("orig/text_encoder")
+        te = att.module().to(torch.bfloat16)
+    assert not any(p.dtype in FP8 for p in te.parameters())
+    ref = build(att.manifest["cls"], att.manifest["config"], dequantized(att.tensors, _scales(att)))
+    ids = torch.tensor([[5, 9, 2, 1]])
+    with torch.no_grad():
+        assert torch.equal(te(ids).last_hidden_state, ref(ids).last_hidden_state)
+
+
 def _scales(att) -> dict[str, float]:
     return att.manifest["scales"]
 

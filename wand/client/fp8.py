@@ -14,6 +14,9 @@ diffusers' ``enable_layerwise_casting`` does not fit here: its hook calls ``modu
 before and after every forward, which replaces each parameter's data with a new tensor, so
 the first forward would swap the shared views for private copies (and it knows no scales).
 
+Casting such a module to another dtype (``module.to(torch.bfloat16)``) casts each fp8 weight
+into a private copy and multiplies its scale in, so it computes what it did.
+
 peft wraps a Float8Linear like any Linear and calls its forward; it puts the adapters in
 ``compute_dtype`` (bfloat16) rather than in the base weight's dtype. Fusing a LoRA first
 gives the layer a private bfloat16 copy of its weight (:func:`private_copy`, used by
@@ -23,7 +26,8 @@ Linear, and gets its fp8 view back when unfused.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,17 @@ class Float8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight(self), self.bias)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
+        """``module.to(dtype)`` and the like: a float8 weight cast to another dtype (a new,
+        private tensor) gets its scale multiplied in, so its values stay what they were."""
+        was_fp8 = name_of(self.weight.dtype) in FP8
+        super()._apply(fn, recurse)
+        if was_fp8 and name_of(self.weight.dtype) not in FP8:
+            with torch.no_grad():
+                self.weight.mul_(self.weight_scale)
+            self.weight_scale = 1.0
+        return self
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_scale={self.weight_scale:g}"
@@ -89,6 +104,6 @@ def private_copy(layer: nn.Module, attr: str) -> torch.Tensor:
     """A private copy of ``layer``'s parameter ``attr`` for writing into (fusing a LoRA):
     a float8 weight dequantized to bfloat16, anything else cloned."""
     value = getattr(layer, attr).detach()
-    if attr == "weight" and isinstance(layer, Float8Linear) and name_of(value.dtype) in FP8:
+    if attr == "weight" and name_of(value.dtype) in FP8:
         return weight(layer)
     return value.clone()
