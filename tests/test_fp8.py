@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from safetensors.torch import save_file
 from test_pipeline import SHIFT, frames
 from transformers import AutoTokenizer
 
+import wand
 from wand.client.lora import tuner_layers
 from wand.common.errors import CheckpointError
 from wand.wan import TASKS, load_state_dict, read_checkpoint, read_files, write_tiny
@@ -114,14 +117,17 @@ def comfy_quantize(w: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor, flo
     return torch.clamp(w * (1.0 / scale).to(w.dtype), -top, top).to(fp8), scale.item()
 
 
-def stored(path: Path, key: str, cache: dict = {}) -> torch.Tensor:  # noqa: B006
+def stored(path: Path, key: str) -> torch.Tensor:
     """A tensor as its file stores it, read with safetensors or ``torch.load``."""
     if path.suffix == ".safetensors":
         with safe_open(str(path), "pt") as f:
             return f.get_tensor(key)
-    if path not in cache:
-        cache[path] = torch.load(path, map_location="cpu", weights_only=True)
-    return cache[path][key]
+    return _pickled(path)[key]
+
+
+@cache
+def _pickled(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def float8_names(cls: str, config: dict) -> set[str]:
@@ -145,10 +151,9 @@ def dequantized(tensors: dict[str, torch.Tensor], scales: dict[str, float]) -> d
     }
 
 
-def spec_of(served: Daemon, name: str):
+def checkpoint_info(served: Daemon, name: str) -> dict:
     with served.connect() as c:
-        info = next(x for x in c.checkpoints() if x["name"] == name)
-    return info
+        return next(x for x in c.checkpoints() if x["name"] == name)
 
 
 # ---- what is resident ------------------------------------------------------------------------
@@ -259,7 +264,7 @@ def test_modules_quantized_at_load_compute_as_their_dequantized_weights(served):
     report bfloat16 (what pipelines cast their inputs to)."""
     with served.connect() as c:
         vp = c.pipeline("orig")
-        info = spec_of(served, "orig")
+        info = checkpoint_info(served, "orig")
         atts = {n: c.attachment(a) for n, a in info["components"].items()}
     ref_parts = {
         n: build(a.manifest["cls"], a.manifest["config"], dequantized(a.tensors, _scales(a)))
@@ -350,14 +355,14 @@ def test_a_restarted_daemon_adopts_fp8_slabs_with_their_scales(tiny, tmp_path):
     service = Service(workdir, "--checkpoint", str(tiny("t2v-A14B", "original")), *flags)
     try:
         service.start()
-        with wand_connect(service) as c:
+        with wand.connect(service.endpoint) as c:
             before = {n: c.attachment(n).manifest for n in ("high_noise_model", "text_encoder")}
         service.crash()
         status = service.start()
         comps = {x["component"]: x for x in status["components"]}
         assert all(x["adopted"] for x in comps.values())
         assert comps["high_noise_model"]["dtype"] == E4M3
-        with wand_connect(service) as c:
+        with wand.connect(service.endpoint) as c:
             atts = {n: c.attachment(n) for n in before}
             te = c.module("text_encoder")
         for n, man in before.items():
@@ -370,12 +375,6 @@ def test_a_restarted_daemon_adopts_fp8_slabs_with_their_scales(tiny, tmp_path):
             assert torch.equal(te(ids).last_hidden_state, ref(ids).last_hidden_state)
     finally:
         service.close()
-
-
-def wand_connect(service: Service):
-    import wand
-
-    return wand.connect(service.endpoint)
 
 
 def test_the_gpu_staging_path_quantizes_as_the_cpu_loader(tiny, written):
@@ -464,8 +463,6 @@ def test_an_fp8_source_of_the_other_kind_is_refused(written, tmp_path):
 
 def test_fp8_for_weights_that_are_not_floats_is_refused(tiny, tmp_path):
     """A diffusers folder whose expert holds an integer Linear weight: named by file and key."""
-    import shutil
-
     folder = Path(shutil.copytree(tiny("t2v-A14B", "diffusers"), tmp_path / "ckpt"))
     key = "blocks.0.attn1.to_q.weight"
     index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
