@@ -237,9 +237,11 @@ class Attachment:
     slab: str = ""  # the slab's token: names it across daemons and restarts
 
     def module(self) -> torch.nn.Module:
+        from wand.client import fp8
         from wand.wan import modules
 
-        return modules.build(self.manifest["cls"], self.manifest["config"], self.tensors)
+        module = modules.build(self.manifest["cls"], self.manifest["config"], self.tensors)
+        return fp8.apply(module, self.manifest)
 
     def verify(self) -> bool:
         """Do the mapped bytes still match the checksum the daemon computed at load?
