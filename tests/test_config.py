@@ -68,8 +68,13 @@ def test_wanctl_load_refuses_a_placement_for_no_component(daemon, tiny):
 
 
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "vae=float8_e5m2", "fp8"])
-def test_fp8_dtypes_are_refused_until_wand_serves_them(tiny, dtype):
-    refused(wand_daemon("--checkpoint", str(tiny()), "--dtype", dtype, "--check-config"), "fp8")
+def test_fp8_for_the_vae_is_refused_when_the_configuration_is_read(tiny, dtype):
+    out = wand_daemon("--checkpoint", str(tiny()), "--dtype", dtype, "--check-config")
+    refused(out, "vae: float8_e", "the VAE is convolutions")
+    ok = wand_daemon(
+        "--checkpoint", str(tiny()), "--dtype", dtype, "--dtype", "vae=float32", "--check-config"
+    )
+    assert ok.returncode == 0, ok.stderr  # the experts and the text encoder take it
 
 
 def test_short_dtype_names_are_taken(tiny, start_daemon):

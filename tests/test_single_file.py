@@ -503,12 +503,6 @@ def test_experts_given_the_wrong_way_round_are_refused_by_their_names(written, l
     assert "given as both experts" in refused(same)
 
 
-def test_scaled_weights_cannot_stay_float8_yet(written):
-    files = written["comfy", "fp8_scaled", "t2v-A14B"]
-    message = refused(files, dtypes={"high_noise_model": "float8_e4m3fn"})
-    assert "has a scale: it cannot be resident as float8_e4m3fn (use bfloat16)" in message
-
-
 # ---- the daemon, its configuration and its restarts ----------------------------------------
 
 

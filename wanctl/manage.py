@@ -49,7 +49,13 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     load.add_argument("--name", help="checkpoint name (default: the task)")
     load.add_argument("--task", choices=TASKS)
     load.add_argument("--device", action="append", default=[], metavar="[COMPONENT=]DEVICE")
-    load.add_argument("--dtype", action="append", default=[], metavar="[COMPONENT=]DTYPE")
+    load.add_argument(
+        "--dtype",
+        action="append",
+        default=[],
+        metavar="[COMPONENT=]DTYPE",
+        help="resident dtype (repeatable), e.g. vae=bfloat16 or high_noise_model=float8_e4m3fn",
+    )
     load.add_argument("--no-wait", action="store_true", help="return once loading has started")
     unload = sub.add_parser("unload", parents=[common], help="unload a checkpoint")
     unload.add_argument("name", help="checkpoint name (see wanctl status)")

@@ -239,12 +239,15 @@ class Attachment:
     slab: str = ""  # the slab's token: names it across daemons and restarts
 
     def module(self) -> torch.nn.Module:
+        from wand.client import fp8
         from wand.wan import modules
 
         ahead = prebuilt.take_skeleton(self.slab) if not self.writable else None
         if ahead is not None:  # a GPU slab's skeleton, made by the warm client
-            return modules.bind(ahead, self.tensors)
-        return modules.build(self.manifest["cls"], self.manifest["config"], self.tensors)
+            module = modules.bind(ahead, self.tensors)
+        else:
+            module = modules.build(self.manifest["cls"], self.manifest["config"], self.tensors)
+        return fp8.apply(module, self.manifest)
 
     def verify(self) -> bool:
         """Do the mapped bytes still match the checksum the daemon computed at load?

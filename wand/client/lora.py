@@ -8,7 +8,8 @@ them. What wand adds:
   here every key must name a layer of the expert, with fitting shapes, or nothing is loaded;
 - **fusing into private copies**: peft fuses by adding into the base layer's weight in place,
   which would write the daemon's read-only memory. Each layer about to be fused first gets a
-  private copy of what it will write; unfusing puts the shared views themselves back.
+  private copy of what it will write (of an fp8 weight, its bfloat16 dequantization: a
+  bfloat16 delta never goes into fp8 bytes); unfusing puts the shared views themselves back.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from wand.client import fp8
 from wand.common.errors import LoraError
 from wand.wan.lora_keys import EXPERTS, check, describe, label, read
 
@@ -79,7 +81,7 @@ class SharedViews:
             for attr in written:
                 if attr not in saved:
                     saved[attr] = getattr(base, attr)
-                    private = nn.Parameter(saved[attr].detach().clone(), requires_grad=False)
+                    private = nn.Parameter(fp8.private_copy(base, attr), requires_grad=False)
                     setattr(base, attr, private)
 
     def restore(self, everything: bool = False) -> None:

@@ -30,6 +30,7 @@ ITEMSIZE = {
 }
 FLOATING = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 FP8 = frozenset({"float8_e4m3fn", "float8_e5m2"})
+FP8_COMPUTE = "bfloat16"  # what modules over fp8 weights compute in, and hold the rest in
 ALIASES = {
     "fp64": "float64",
     "double": "float64",

@@ -26,7 +26,15 @@ def layout(spec: ComponentSpec) -> tuple[list[list[Any]], int]:
     return rows, max(offset, ALIGN)
 
 
-def manifest(spec: ComponentSpec, rows: list[list[Any]], nbytes: int, **info: Any) -> dict:
+def manifest(
+    spec: ComponentSpec,
+    rows: list[list[Any]],
+    nbytes: int,
+    scales: dict[str, float] | None = None,
+    **info: Any,
+) -> dict:
+    """``scales``: the per-tensor scale of each fp8 tensor by name (its value is the stored
+    value times the scale); manifests of older daemons have none."""
     aliases = {a: t.name for t in spec.tensors for a in t.aliases}
     return {
         "component": spec.name,
@@ -35,6 +43,7 @@ def manifest(spec: ComponentSpec, rows: list[list[Any]], nbytes: int, **info: An
         "nbytes": nbytes,
         "tensors": rows,
         "aliases": aliases,
+        "scales": scales or {},
         **info,
     }
 

@@ -310,11 +310,6 @@ def _dtype(name: str, where: str = "dtype") -> str:
         found = None
     if found is None or not dtypes.is_floating(found):
         raise ConfigError(f"{where}: {name[:60]!r} is not a floating-point dtype")
-    if found in dtypes.FP8:
-        raise ConfigError(
-            f"{where}: {name[:60]!r} is an fp8 dtype, which wand does not hold weights in yet; "
-            "use float32, float16 or bfloat16"
-        )
     return found
 
 

@@ -75,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="[COMPONENT=]DTYPE",
-        help="resident dtype, for all components or one (repeatable), e.g. float32 or vae=bfloat16",
+        help="resident dtype, for all components or one (repeatable), e.g. float32, "
+        "vae=bfloat16, or high_noise_model=float8_e4m3fn (fp8 Linear weights with per-tensor "
+        "scales: experts and text encoder)",
     )
     p.add_argument("--endpoint", help="ZeroMQ endpoint (default: WAND_ENDPOINT or runtime dir)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import queue
 import secrets
@@ -64,16 +65,20 @@ class Resident:
         return self.spec.nbytes
 
     def summary(self) -> dict[str, Any]:
+        """``dtype`` is the one most values are held in (an fp8 expert's Linear weights,
+        whatever the bytes of its bfloat16 and float32 rest); ``dtypes`` the bytes of each."""
         by_dtype: Counter = Counter()
+        values: Counter = Counter()
         for t in self.spec.tensors:
             by_dtype[t.dtype] += dtypes.nbytes(t.dtype, t.shape)
+            values[t.dtype] += math.prod(t.shape)
         return {
             "resident": self.id,
             "component": self.spec.name,
             "class": self.spec.cls,
             "device": self.device.name,
             "uuid": self.device.uuid,
-            "dtype": by_dtype.most_common(1)[0][0] if by_dtype else None,
+            "dtype": values.most_common(1)[0][0] if values else None,
             "dtypes": dict(by_dtype),
             "bytes": self.nbytes,
             "tensors": len(self.spec.tensors),
@@ -388,7 +393,7 @@ class Store:
         rows, nbytes = manifest.layout(resident.spec)
         label = f"{resident.id}-{resident.spec.name}"
         resident.slab = slabs.create(label, nbytes, resident.device, resident.token)
-        checksum = load.fill(
+        checksum, scales = load.fill(
             resident.slab,
             resident.spec,
             rows,
@@ -396,7 +401,9 @@ class Store:
             cancelled=lambda: self.closing or not self._wanted(resident),
         )
         resident.slab.seal()
-        resident.manifest = manifest.manifest(resident.spec, rows, nbytes, checksum=checksum)
+        resident.manifest = manifest.manifest(
+            resident.spec, rows, nbytes, scales, checksum=checksum
+        )
 
     def _ready(self, resident: Resident) -> None:
         with self._lock:

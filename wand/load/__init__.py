@@ -20,9 +20,10 @@ def fill(
     rows: list[list],
     progress: Callable[[int], None],
     cancelled: Callable[[], bool],
-) -> str:
+) -> tuple[str, dict[str, float]]:
     """Copy every tensor of ``spec`` into ``slab`` at the manifest rows ``rows``; the slab's
-    checksum. ``cancelled`` is asked between tensors (it raises
+    checksum, and the scale of each fp8 tensor by name (kept from its file, or computed as
+    it was quantized). ``cancelled`` is asked between tensors (it raises
     :class:`~wand.common.errors.Cancelled`).
 
     Host slabs are filled by positional reads and CPU casts, digested with CRC-32s while
@@ -35,7 +36,9 @@ def fill(
     if flat.device.type == "cpu":
         from wand.load import cpu
 
-        return checksum(cpu.fill(flat, spec, rows, progress, cancelled))
+        digests, scales = cpu.fill(flat, spec, rows, progress, cancelled)
+        return checksum(digests), scales
     from wand.load import gpu
 
-    return checksum(gpu.fill_slab(flat, spec, rows, progress, cancelled), "sum64")
+    digests, scales = gpu.fill_slab(flat, spec, rows, progress, cancelled)
+    return checksum(digests, "sum64"), scales

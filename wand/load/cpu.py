@@ -3,9 +3,10 @@
 Sources are read with ``preadv``, never mapped: a file truncated under the loader is a short
 read and a :class:`CheckpointError` naming the file and the key, not a SIGBUS. A tensor whose
 dtype does not change is read straight into its place in the slab; one that is cast (float32
-on disk, bfloat16 resident) or dequantized (fp8 × its scale, :mod:`wand.load.cast`) is read in
-pieces into a per-thread scratch buffer and cast from there. Copies run on a thread pool
-(reads and torch's casts release the GIL).
+on disk, bfloat16 resident), dequantized (fp8 × its scale) or quantized (into fp8, with a
+scale from its absolute maximum: :mod:`wand.load.cast`) is read in pieces into a per-thread
+scratch buffer and cast from there; quantizing reads a tensor larger than the scratch twice,
+once for its maximum. Copies run on a thread pool (reads and torch's casts release the GIL).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from wand.common.dtypes import torch_dtype
 from wand.common.errors import Cancelled, CheckpointError
 from wand.common.spec import ComponentSpec, TensorSpec
 from wand.common.views import tensor_digest
-from wand.load.cast import cast_into, needs_cast
+from wand.load.cast import (
+    cast_into,
+    fp8_scale,
+    kept_scale,
+    needs_cast,
+    quantize_into,
+    quantizes,
+)
 from wand.load.files import open_regular, read_into
 from wand.load.tensorfile import TensorFile, TensorInfo, byte_view
 
@@ -38,9 +46,10 @@ def fill(
     progress: Progress = lambda n: None,
     cancelled: Callable[[], bool] = lambda: False,
     workers: int | None = None,
-) -> list[bytes]:
+) -> tuple[list[bytes], dict[str, float]]:
     """Copy every tensor of ``spec`` into ``flat`` at the offsets of ``rows``; return each
-    tensor's digest, hashed while its bytes are still in cache."""
+    tensor's digest, hashed while its bytes are still in cache, and the scale of each fp8
+    tensor by name."""
     files = open_files(spec)
     lock = threading.Lock()
     local = threading.local()
@@ -49,7 +58,7 @@ def fill(
         for fd in fds.values():
             stack.callback(os.close, fd)
 
-        def copy(item: tuple[TensorSpec, list]) -> bytes:
+        def copy(item: tuple[TensorSpec, list]) -> tuple[bytes, float | None]:
             if cancelled():
                 raise Cancelled(f"{spec.name}: unloaded while loading")
             t, (_, dtype, shape, stride, offset) = item
@@ -57,14 +66,16 @@ def fill(
             info = source_info(f, t)
             resident = torch_dtype(dtype)
             dst = flat.view(resident).as_strided(shape, stride, offset // resident.itemsize)
-            read_tensor(fds[t.file], f, t, info, dst, local)
+            scale = read_tensor(fds[t.file], f, t, info, dst, local)
             digest = tensor_digest(dst)
             with lock:
                 progress(dst.nbytes)
-            return digest
+            return digest, scale
 
         with ThreadPoolExecutor(workers or os.cpu_count(), initializer=single_threaded) as pool:
-            return list(pool.map(copy, zip(spec.tensors, rows, strict=True)))
+            done = list(pool.map(copy, zip(spec.tensors, rows, strict=True)))
+    scales = {t.name: s for t, (_, s) in zip(spec.tensors, done, strict=True) if s is not None}
+    return [d for d, _ in done], scales
 
 
 def single_threaded() -> None:
@@ -75,23 +86,39 @@ def single_threaded() -> None:
 
 def read_tensor(
     fd: int, f: TensorFile, t: TensorSpec, info: TensorInfo, dst: torch.Tensor, local
-) -> None:
+) -> float | None:
     """Read ``t``'s bytes from ``f`` into the contiguous tensor ``dst``, casting (and
-    dequantizing) if need be."""
+    dequantizing or quantizing) if need be; the scale of an fp8 ``dst``."""
     start, what = f.offset(t.key), repr(t.key)
     if not needs_cast(info.dtype, dst.dtype, t.scale):
         read_into(fd, byte_view(dst), start, f.path, what)
-        return
+        return kept_scale(dst.dtype, t.scale)
     scratch = getattr(local, "scratch", None)
     if scratch is None:
         scratch = local.scratch = torch.empty(SCRATCH_BYTES, dtype=torch.uint8)
     per_piece = SCRATCH_BYTES // info.dtype.itemsize
     out = dst.reshape(-1)
-    for first in range(0, out.numel(), per_piece):
+    pieces = range(0, out.numel(), per_piece)
+
+    def read(first: int) -> torch.Tensor:
         n = min(per_piece, out.numel() - first)
         piece = scratch[: n * info.dtype.itemsize]
         read_into(fd, byte_view(piece), start + first * info.dtype.itemsize, f.path, what)
-        cast_into(out[first : first + n], piece.view(info.dtype), t.scale)
+        return piece.view(info.dtype)
+
+    if not quantizes(info.dtype, dst.dtype):
+        for first in pieces:
+            cast_into(out[first : first + per_piece], read(first), t.scale)
+        return kept_scale(dst.dtype, t.scale)
+    amax, values = torch.zeros((), dtype=info.dtype), None
+    for first in pieces:
+        values = read(first)
+        amax = torch.maximum(amax, values.abs().amax())
+    scale = fp8_scale(amax, info.dtype, dst.dtype)
+    for first in pieces:  # a tensor of one piece is still in the scratch: read once
+        values = values if len(pieces) == 1 else read(first)
+        quantize_into(out[first : first + per_piece], values, scale)
+    return scale.item()
 
 
 def open_files(spec: ComponentSpec) -> dict:

@@ -7,10 +7,11 @@ with positional reads (``os.preadv``) of whole chunks, :data:`DEPTH` reads in fl
 filled buffer goes to the GPU asynchronously on a dedicated stream: pieces whose dtype does
 not change are uploaded straight into their place in the slab; the others are uploaded to a
 GPU scratch buffer and cast from there (e.g. float32 on disk to bfloat16 resident), or
-dequantized (fp8 × its scale), by the GPU. A CUDA event per buffer says when its uploads are
-done, so the next read into it overlaps the copies of the others. Both formats are read by
-file offset (for ``.pth`` files, the offsets of the tensors' bytes inside the uncompressed
-zip archive).
+dequantized (fp8 × its scale), by the GPU; a tensor quantized into fp8 is gathered whole in a
+GPU buffer of its own first (its scale is its absolute maximum's). A CUDA event per buffer
+says when its uploads are done, so the next read into it overlaps the copies of the others.
+Both formats are read by file offset (for ``.pth`` files, the offsets of the tensors' bytes
+inside the uncompressed zip archive).
 
 :func:`plan` is pure arithmetic. :func:`fill` also runs on a CPU tensor (no pinning, no
 stream, the staging buffer is the scratch), which is how its logic is tested without a GPU.
@@ -31,7 +32,14 @@ from wand.common import views
 from wand.common.dtypes import torch_dtype
 from wand.common.errors import Cancelled
 from wand.common.spec import ComponentSpec, Scale
-from wand.load.cast import cast_into, needs_cast
+from wand.load.cast import (
+    cast_into,
+    fp8_scale,
+    kept_scale,
+    needs_cast,
+    quantize_into,
+    quantizes,
+)
 from wand.load.cpu import Progress, open_files, single_threaded, source_info
 from wand.load.files import open_regular, read_into
 
@@ -114,6 +122,41 @@ class Target:
         """Its bytes on disk are its bytes in the slab: copied, not cast."""
         return not needs_cast(self.src, self.dst, self.scale)
 
+    @property
+    def count(self) -> int:
+        return self.bytes.numel() // self.dst.itemsize
+
+
+class Quantizer:
+    """Tensors quantized into fp8 at load: their pieces gathered in a buffer of their own
+    on the slab's device until the last arrives (the scale needs all their values), then
+    quantized into the slab; their scales stay on the device until :meth:`result`."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, list] = {}  # target → [its stored bytes, bytes received]
+        self._scales: dict[int, torch.Tensor] = {}
+
+    def add(self, i: int, t: Target, src: torch.Tensor, start: int) -> int:
+        """Take the stored bytes ``src`` of target ``i`` from byte ``start``; returns the
+        slab bytes written (all of the tensor's with its last piece, else none)."""
+        if i not in self._pending:
+            stored = torch.empty(t.count * t.src.itemsize, dtype=torch.uint8, device=t.bytes.device)
+            self._pending[i] = [stored, 0]
+        entry = self._pending[i]
+        entry[0][start : start + src.numel()].copy_(src, non_blocking=True)
+        entry[1] += src.numel()
+        if entry[1] < entry[0].numel():
+            return 0
+        values = self._pending.pop(i)[0].view(t.src)
+        scale = fp8_scale(values.abs().amax(), t.src, t.dst)
+        quantize_into(t.bytes.view(t.dst), values, scale)
+        self._scales[i] = scale
+        return t.bytes.numel()
+
+    def result(self) -> dict[int, float]:
+        """Each quantized target's scale (waits for the device)."""
+        return {i: s.item() for i, s in self._scales.items()}
+
 
 class FileSource:
     def __init__(self, path: os.PathLike) -> None:
@@ -133,13 +176,13 @@ def fill_slab(
     rows: list[list],
     progress: Progress,
     cancelled: Callable[[], bool],
-) -> list[bytes]:
+) -> tuple[list[bytes], dict[str, float]]:
     """:func:`fill`, then each tensor's sum64 digest computed on the device (a GPU slab's
-    bytes never come back to the host)."""
-    fill(flat, spec, rows, progress, cancelled=cancelled)
+    bytes never come back to the host); and the fp8 tensors' scales."""
+    scales = fill(flat, spec, rows, progress, cancelled=cancelled)
     digests = views.digests(flat, {"tensors": rows, "aliases": {}}, "sum64")
     torch.cuda.empty_cache()  # staging scratch and digest temporaries go back
-    return digests
+    return digests, scales
 
 
 def fill(
@@ -151,20 +194,26 @@ def fill(
     workers: int | None = None,
     capacity: int = CHUNK_BYTES,
     depth: int = DEPTH,
-) -> None:
+) -> dict[str, float]:
     """Copy every tensor of ``spec`` into ``flat`` (a GPU slab) at the offsets of ``rows``,
-    casting to the resident dtypes on the device; returns when the bytes are in place."""
+    casting to the resident dtypes on the device; returns when the bytes are in place, with
+    the scale of each fp8 tensor by name."""
     sources: list[FileSource] = []
+    quantizer = Quantizer()
     try:
         reads, targets = _inputs(flat, spec, rows, sources)
         chunks = plan(reads, capacity)
         if chunks:
             ring = Ring(flat.device, max(c.nbytes for c in chunks), min(depth, len(chunks)))
             with ring.device_scope():
-                _pipeline(ring, chunks, sources, targets, progress, cancelled, workers)
+                _pipeline(ring, chunks, sources, targets, quantizer, progress, cancelled, workers)
     finally:
         for s in sources:
             s.close()
+    computed = quantizer.result()
+    scales = {i: kept_scale(target.dst, target.scale) for i, target in enumerate(targets)}
+    scales.update(computed)
+    return {spec.tensors[i].name: s for i, s in scales.items() if s is not None}
 
 
 def _pipeline(
@@ -172,6 +221,7 @@ def _pipeline(
     chunks: list[Chunk],
     sources: list[FileSource],
     targets: list[Target],
+    quantizer: Quantizer,
     progress: Progress,
     cancelled: Callable[[], bool],
     workers: int | None,
@@ -190,7 +240,7 @@ def _pipeline(
                 for p in pending:
                     p.cancel()
                 raise Cancelled("unloaded while loading")
-            progress(ring.upload(i % ring.depth, chunk, targets))
+            progress(ring.upload(i % ring.depth, chunk, targets, quantizer))
             if i + ring.depth < len(chunks):
                 pending.append(pool.submit(read, i + ring.depth))
     ring.finish()
@@ -218,20 +268,21 @@ class Ring:
         if self.cuda:
             self.uploaded[slot].synchronize()
 
-    def upload(self, slot: int, chunk: Chunk, targets: list[Target]) -> int:
+    def upload(self, slot: int, chunk: Chunk, targets: list[Target], quantizer: Quantizer) -> int:
         """Enqueue buffer ``slot`` → slab for ``chunk``; returns the slab bytes it writes.
         Pieces that keep their dtype go from the pinned buffer straight into the slab."""
         staged = self.host[slot][: chunk.nbytes]
         if not self.cuda:
-            return _place(staged, chunk, targets)
+            return _place(staged, chunk, targets, quantizer)
         direct = [p for p in chunk.pieces if targets[p.read].direct]
         cast = [p for p in chunk.pieces if not targets[p.read].direct]
         with torch.cuda.stream(self.stream):
-            written = _place(staged, Chunk(chunk.source, chunk.offset, 0, direct), targets)
+            direct_chunk = Chunk(chunk.source, chunk.offset, 0, direct)
+            written = _place(staged, direct_chunk, targets, quantizer)
             if cast:
                 end = max(p.at + p.nbytes for p in cast)
                 self.scratch[:end].copy_(staged[:end], non_blocking=True)
-                written += _place(self.scratch[:end], Chunk(0, 0, 0, cast), targets)
+                written += _place(self.scratch[:end], Chunk(0, 0, 0, cast), targets, quantizer)
             self.uploaded[slot].record(self.stream)
         return written
 
@@ -240,15 +291,18 @@ class Ring:
             self.stream.synchronize()
 
 
-def _place(staged: torch.Tensor, chunk: Chunk, targets: list[Target]) -> int:
-    """Copy (same dtype) or cast (and dequantize) each piece of ``staged`` into its slab
-    bytes."""
+def _place(staged: torch.Tensor, chunk: Chunk, targets: list[Target], quantizer: Quantizer) -> int:
+    """Copy (same dtype), cast (and dequantize) or hand to ``quantizer`` each piece of
+    ``staged`` for its slab bytes."""
     written = 0
     for p in chunk.pieces:
         src, t = staged[p.at : p.at + p.nbytes], targets[p.read]
         if t.direct:
             t.bytes[p.start : p.start + p.nbytes].copy_(src, non_blocking=True)
             written += p.nbytes
+            continue
+        if quantizes(t.src, t.dst):
+            written += quantizer.add(p.read, t, src, p.start)
             continue
         first = p.start // t.src.itemsize
         count = p.nbytes // t.src.itemsize

@@ -86,6 +86,7 @@ def _run(
     finally:
         daemon.terminate()
         daemon.wait(30)
+    result["fp8"] = fp8_times(work, checkpoint, spec.task, repeat)
     small = (
         checkpoint
         if baseline_dir is None
@@ -221,6 +222,50 @@ def _warm_env(work: Path, endpoint: str) -> dict[str, str]:
 
 def _stop_warm(env: dict[str, str]) -> None:
     subprocess.run([sys.executable, "-m", "wanctl", "warm", "stop"], env=env, capture_output=True)
+
+
+def fp8_times(work: Path, checkpoint: Path, task: str, repeat: int) -> dict[str, Any]:
+    """The experts of ``checkpoint`` resident in bfloat16, then in fp8 (one daemon each, in
+    turn): their resident bytes, the time to build both expert modules in a fresh client,
+    and the seconds per denoising step of ``wanctl generate`` (:data:`GENERATION`), medians
+    of ``repeat`` fresh processes (at most 3 generations)."""
+    from wand.client.connection import Client
+    from wand.wan import TASKS
+
+    experts = TASKS[task].experts
+    endpoint = f"ipc://{work}/fp8.sock"
+    out = {}
+    for dtype in ("bfloat16", "float8_e4m3fn"):
+        flags = [f"--dtype={e}={dtype}" for e in experts]
+        daemon = start_daemon(checkpoint, endpoint, work / f"experts-{dtype}.log", *flags)
+        try:
+            _wait_loaded(daemon, endpoint)
+            with Client(endpoint, name="bench") as c:
+                comps = c.status()["components"]
+            builds = [_fresh(["expert_modules", endpoint])["seconds"] for _ in range(repeat)]
+            steps = [_seconds_per_step(endpoint, work) for _ in range(min(repeat, 3))]
+        finally:
+            daemon.terminate()
+            daemon.wait(30)
+        out[dtype] = {
+            "expert_bytes": sum(c["bytes"] for c in comps if c["component"] in experts),
+            "build_seconds": statistics.median(builds),
+            "step_seconds": statistics.median(steps),
+        }
+    return {**out, "runs": repeat, "generations": min(repeat, 3)}
+
+
+def _seconds_per_step(endpoint: str, work: Path) -> float:
+    """``wanctl generate`` of :data:`GENERATION` in a fresh process: its denoising time per
+    step (each step runs the expert twice: with and without the prompt)."""
+    out = work / "fp8-generate.mp4"
+    args = ["-m", "wanctl", "--endpoint", endpoint, "generate", "--plain", "--json"]
+    args += ["--overwrite", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, *args, *_generation_options()], capture_output=True, text=True, check=True
+    )
+    report = json.loads(done.stdout)
+    return report["denoise_seconds"] / report["steps"]
 
 
 def restart_times(checkpoint: Path, work: Path, *flags: str) -> dict[str, Any]:
@@ -432,6 +477,19 @@ def _import_classes() -> None:
         resolve_class(cls)
 
 
+def _measure_expert_modules(endpoint: str) -> float:
+    """Build the diffusion model modules (the experts) of the daemon's checkpoint."""
+    import wand
+
+    _import_classes()
+    start = time.perf_counter()
+    with wand.connect(endpoint) as c:
+        experts = [x["name"] for x in c.list() if x["class"] == MODULE_CLASSES[2]]
+        mods = [c.module(name) for name in experts]
+    assert mods
+    return time.perf_counter() - start
+
+
 def _measure_lora(endpoint: str, path: str, how: str) -> dict[str, float]:
     """Load the bench LoRA into both experts (from its file, or the daemon's by name); with
     the daemon's, also fuse it and measure the private memory fusing takes."""
@@ -563,6 +621,8 @@ def render(r: dict[str, Any]) -> str:
         )
     if "scripts" in r:
         lines.append(render_scripts(r["scripts"]))
+    if "fp8" in r:
+        lines.append(render_fp8(r["fp8"]))
     lines += [render_restart(x) for x in r.get("restart", [])]
     if "lora" in r:
         lines += render_lora(r["lora"])
@@ -599,6 +659,20 @@ def render_lora(x: dict[str, Any]) -> list[str]:
     ]
 
 
+def render_fp8(x: dict[str, Any]) -> str:
+    bf, f8 = x["bfloat16"], x["float8_e4m3fn"]
+    g = GENERATION
+    return (
+        f"fp8 experts              {f8['expert_bytes'] / 1e6:8.1f} MB resident vs "
+        f"{bf['expert_bytes'] / 1e6:.1f} MB in bfloat16 "
+        f"({f8['expert_bytes'] / bf['expert_bytes']:.2f}x); building both modules "
+        f"{f8['build_seconds'] * 1e3:.1f} ms vs {bf['build_seconds'] * 1e3:.1f} ms "
+        f"(median of {x['runs']}); a denoising step {f8['step_seconds']:.3f} s vs "
+        f"{bf['step_seconds']:.3f} s ({'{}*{}'.format(*g['size'])}, {g['frames']} frames; "
+        f"median of {x['generations']} wanctl generate)"
+    )
+
+
 def render_generate(preset: str, g: dict[str, Any]) -> str:
     w, f = g["wand_seconds"], g["from_pretrained_seconds"]
     parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in g["parts"].items())
@@ -622,6 +696,7 @@ def _main(argv: list[str]) -> None:
     measure = {
         "state_dicts": _measure_state_dicts,
         "modules": _measure_modules,
+        "expert_modules": _measure_expert_modules,
         "from_pretrained": _measure_from_pretrained,
     }[what]
     print(json.dumps({"seconds": measure(arg)}))

@@ -65,7 +65,9 @@ def component_spec(
             continue
         resident = name_of(resident_dtype(cls, module, names[0], info.dtype, torch_dtype(dtype)))
         scale = source.scale(key)
-        problem = _scaling_problem(module, names[0], source, key, info.dtype, resident)
+        problem = _scaling_problem(module, names[0], source, key, info.dtype) or _fp8_problem(
+            name, info.dtype, resident
+        )
         if problem:
             problems.append(f"{where} {problem}")
             continue
@@ -87,23 +89,15 @@ def component_spec(
 
 
 def _scaling_problem(
-    module: torch.nn.Module,
-    name: str,
-    source: Source,
-    key: str,
-    stored: torch.dtype,
-    resident: str,
+    module: torch.nn.Module, name: str, source: Source, key: str, stored: torch.dtype
 ) -> str | None:
     """What is wrong with how a weight is scaled, if anything.
 
     In a scaled file every float8 weight of a Linear layer has its scale (the layers
     ComfyUI scales); other float8 tensors (embeddings) have none and a scale of 1, as
-    ComfyUI reads them. A scaled weight is resident dequantized: it cannot stay float8
-    until modules apply scales themselves.
+    ComfyUI reads them.
     """
     if source.scale(key) is not None:
-        if resident in FP8:
-            return f"has a scale: it cannot be resident as {resident} (use bfloat16)"
         return None
     layer, _, leaf = name.rpartition(".")
     if source.scale_suffix is None or name_of(stored) not in FP8 or leaf != "weight":
@@ -112,6 +106,17 @@ def _scaling_problem(
         return None
     scale = source.stored_key(key).removesuffix(".weight") + source.scale_suffix
     return f"is {name_of(stored)} without its scale {scale!r} in a scaled file"
+
+
+def _fp8_problem(component: str, stored: torch.dtype, resident: str) -> str | None:
+    """An fp8 weight stays in the fp8 dtype it is stored in: it is never quantized again."""
+    kind = name_of(stored)
+    if kind in FP8 and resident in FP8 and kind != resident:
+        return (
+            f"is stored as {kind}: held in fp8 it stays {kind} ({component}={kind}), "
+            f"or it is dequantized ({component}=bfloat16), never quantized again"
+        )
+    return None
 
 
 def _names_by_key(

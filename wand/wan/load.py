@@ -9,12 +9,15 @@ import torch
 
 from wand.common.dtypes import torch_dtype
 from wand.common.spec import ComponentSpec
-from wand.load.cast import cast_into
+from wand.load.cast import to_resident
 from wand.load.tensorfile import TensorFile
 
 
-def load_state_dict(component: ComponentSpec) -> dict[str, torch.Tensor]:
-    """Every state-dict entry (aliases included) as a CPU tensor in its resident dtype/shape."""
+def load_state_dict(
+    component: ComponentSpec, scales: dict[str, float] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every state-dict entry (aliases included) as a CPU tensor in its resident dtype/shape;
+    ``scales``, if given, gets the scale of each fp8 tensor by name."""
     files: dict[str, TensorFile] = {}
     state: dict[str, torch.Tensor] = {}
     for spec in component.tensors:
@@ -23,7 +26,9 @@ def load_state_dict(component: ComponentSpec) -> dict[str, torch.Tensor]:
             f = files[str(spec.file)] = TensorFile(spec.file)
         stored = f.read(spec.key)
         tensor = torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
-        cast_into(tensor.view(-1), stored.view(-1), spec.scale)
+        scale = to_resident(tensor.view(-1), stored.view(-1), spec.scale)
+        if scale is not None and scales is not None:
+            scales[spec.name] = scale
         for name in (spec.name, *spec.aliases):
             state[name] = tensor
     return state

@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from wand.common.dtypes import FP8
 from wand.common.errors import CheckpointError
 from wand.common.spec import CheckpointSpec, ComponentSpec
 from wand.load.files import is_dir, is_file, read_small, reason
@@ -77,7 +78,14 @@ def resident_dtypes(where: Path, info: Task, dtypes: Mapping[str, str] | None) -
     if unknown:
         raise CheckpointError(f"{where}: {info.name} has no component {sorted(unknown)[0]!r}")
     everywhere = dict.fromkeys(names, dtypes.pop("*")) if "*" in dtypes else {}
-    return {**DEFAULT_DTYPES, **everywhere, **dtypes}
+    resident = {**DEFAULT_DTYPES, **everywhere, **dtypes}
+    if resident["vae"] in FP8:
+        raise CheckpointError(
+            f"{where}: vae: {resident['vae']} residency is for the Linear weights of the "
+            "experts and the text encoder; the VAE is convolutions: give it its own dtype "
+            "(vae=float32 or vae=bfloat16)"
+        )
+    return resident
 
 
 # ---- detection ----------------------------------------------------------------------------

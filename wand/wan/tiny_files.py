@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import save_file
 
+from wand.load.cast import to_resident
 from wand.wan import original_names
 from wand.wan.configs import HEAD_DIM
 from wand.wan.modules import skeleton
@@ -170,7 +171,8 @@ def _encode(
         if key in plain or (key in quantized and quant in FP8):
             out[key] = value.to(FP8.get(quant, torch.float8_e4m3fn))
         elif key in quantized:
-            out[key], scale = quantize(value, torch.float8_e4m3fn)
+            out[key] = torch.empty(value.shape, dtype=torch.float8_e4m3fn)
+            scale = torch.tensor(to_resident(out[key].view(-1), value.reshape(-1), None))
             if quant == "fp8_scaled":
                 out[layer + ".scale_weight"] = scale.reshape(style.scale_shape)
             else:
@@ -182,16 +184,6 @@ def _encode(
     if quant == "fp8_scaled":
         out["scaled_fp8"] = style.marker()
     return out
-
-
-def quantize(w: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """ComfyUI's per-tensor fp8: scale = absmax / fp8 max (1 for an all-zero tensor), the
-    values divided by it, clamped and rounded to ``fp8``; the scale as a float32 scalar."""
-    top = torch.finfo(fp8).max
-    amax = w.abs().max().to(torch.float32)
-    scale = amax / top if amax > 0 else torch.tensor(1.0)
-    q = (w.to(torch.float32) * (1.0 / scale)).clamp(-top, top).to(fp8)
-    return q, scale.reshape(())
 
 
 def _config_metadata(config: dict[str, Any]) -> dict[str, str]:
