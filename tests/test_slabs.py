@@ -255,11 +255,19 @@ def test_a_restarted_daemon_adopts_every_slab_from_the_fd_store(service):
         k: c["checksum"] for k, c in before.items()
     }
     assert cold["rchar"] - adopted["rchar"] > 0.8 * disk  # it read no checkpoint bytes
+    assert _libraries(service.proc.pid) == []  # nor loaded torch (or anything that needs it)
     log = service.log.read_text()
     assert "adopted from the fd store" in log
     assert "unchanged since it was read, spec from the fd store" in log  # folder not read
     with wand.connect(service.endpoint) as c:
         assert all(c.attachment(name).verify() for name in COMPONENTS)
+
+
+def _libraries(pid: int) -> list[str]:
+    """torch's shared libraries mapped in process ``pid`` (what importing torch, or diffusers,
+    transformers, accelerate or the client library, would have loaded)."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return sorted({line.split()[-1] for line in maps if "libtorch" in line})
 
 
 def test_a_changed_component_is_reloaded_and_the_rest_adopted(service, tmp_path):
