@@ -202,6 +202,23 @@ def run_wanctl(*args: str, env: dict | None = None) -> subprocess.CompletedProce
     )
 
 
+def t2v_pipeline(modules: dict, tokenizer: str, scheduler):
+    """diffusers' own t2v-A14B pipeline around ``modules`` (component name → module): the
+    reference a wand pipeline is compared with."""
+    from diffusers import WanPipeline
+    from transformers import AutoTokenizer
+
+    return WanPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(tokenizer),
+        text_encoder=modules["text_encoder"],
+        vae=modules["vae"],
+        scheduler=scheduler,
+        transformer=modules["high_noise_model"],
+        transformer_2=modules["low_noise_model"],
+        boundary_ratio=0.875,
+    )
+
+
 @pytest.fixture
 def start_daemon() -> Iterator:
     """``start_daemon(checkpoint, *flags)`` → a started :class:`Daemon`, stopped at teardown."""

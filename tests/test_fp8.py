@@ -28,12 +28,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, Daemon, Service
-from diffusers import WanPipeline
+from conftest import ROOT, Daemon, Service, t2v_pipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_pipeline import SHIFT, frames
-from transformers import AutoTokenizer
 
 import wand
 from wand.client.lora import tuner_layers
@@ -270,15 +268,7 @@ def test_modules_quantized_at_load_compute_as_their_dequantized_weights(served):
         n: build(a.manifest["cls"], a.manifest["config"], dequantized(a.tensors, _scales(a)))
         for n, a in atts.items()
     }
-    ref = WanPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(info["tokenizer"]),
-        text_encoder=ref_parts["text_encoder"],
-        vae=ref_parts["vae"],
-        scheduler=vp.pipe.scheduler,
-        transformer=ref_parts["high_noise_model"],
-        transformer_2=ref_parts["low_noise_model"],
-        boundary_ratio=0.875,
-    )
+    ref = t2v_pipeline(ref_parts, info["tokenizer"], vp.pipe.scheduler)
     modules = {"high_noise_model": vp.pipe.transformer, "text_encoder": vp.pipe.text_encoder}
     before = {n: _float8_params(m) for n, m in modules.items()}
     got = frames(vp, "t2v-A14B", None)  # the release's shift, as the scheduler is set

@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, Daemon, Service, run_wanctl
+from conftest import ROOT, Daemon, Service, run_wanctl, t2v_pipeline
 from diffusers.loaders.single_file_utils import (
     convert_wan_transformer_to_diffusers,
     convert_wan_vae_to_diffusers,
@@ -207,8 +207,6 @@ def test_the_embedded_tokenizer_encodes_as_sentencepiece(served, written, tiny):
 
 
 def test_a_pipeline_runs_on_single_files_with_the_embedded_tokenizer(served):
-    from diffusers import WanPipeline
-    from transformers import AutoTokenizer
 
     name = name_of("comfy", "fp8_scaled", "t2v-A14B")
     options = dict(
@@ -225,15 +223,7 @@ def test_a_pipeline_runs_on_single_files_with_the_embedded_tokenizer(served):
         got = pipe("a cat walks", generator=torch.Generator().manual_seed(3), **options).frames
         info = next(x for x in c.checkpoints() if x["name"] == name)
         parts = {n: c.module(a) for n, a in info["components"].items()}
-    ref = WanPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(info["tokenizer"]),
-        text_encoder=parts["text_encoder"],
-        vae=parts["vae"],
-        scheduler=pipe.pipe.scheduler,
-        transformer=parts["high_noise_model"],
-        transformer_2=parts["low_noise_model"],
-        boundary_ratio=0.875,
-    )
+    ref = t2v_pipeline(parts, info["tokenizer"], pipe.pipe.scheduler)
     expected = ref("a cat walks", generator=torch.Generator().manual_seed(3), **options).frames
     assert got.shape == (1, 5, 32, 32, 3) and np.isfinite(got).all()
     assert np.array_equal(got, expected)
