@@ -430,6 +430,7 @@ class Daemon:
                 log.error("loading %s failed: %s", resident.spec.name, e)
                 if self.phase == "starting":
                     self.fatal = e if isinstance(e, WandError) else WandError(str(e))
+            self.server.wake()  # READY (or the failure) is told at once, not at the next tick
 
     def _tick(self) -> None:
         """Runs on the serving thread at least every 200 ms."""

@@ -271,10 +271,15 @@ class Server:
             reply = self._run(req_id, op, job)
             if identity is not None:
                 self._done.put((identity, reply))
-                try:
-                    os.write(self.wake_fd, b"x")
-                except BlockingIOError:
-                    pass  # the loop is awake already
+                self.wake()
+
+    def wake(self) -> None:
+        """Make the serving loop go round now (from another thread): a reply is waiting, or
+        a load is done (readiness is told from the loop's tick)."""
+        try:
+            os.write(self.wake_fd, b"x")
+        except BlockingIOError:
+            pass  # the loop is awake already
 
     def _client_exited(self, pidfd: int) -> None:
         proc = self.clients.reap(pidfd)
