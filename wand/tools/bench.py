@@ -448,22 +448,31 @@ def _fresh(args: list[str], module: str = "wand.tools.bench") -> dict[str, Any]:
 # --- what the fresh processes run ---------------------------------------------------------
 
 
+def _client() -> Any:
+    """``wand.connect``, with torch imported: fixed costs of any client, not timed."""
+    import torch  # noqa: F401  (the client imports it on its first attach)
+
+    from wand import connect
+
+    return connect
+
+
 def _measure_state_dicts(endpoint: str) -> float:
-    import wand
+    connect = _client()
 
     start = time.perf_counter()
-    with wand.connect(endpoint) as c:
+    with connect(endpoint) as c:
         sds = [c.attach(name) for name in COMPONENTS]
     assert all(sds)
     return time.perf_counter() - start
 
 
 def _measure_modules(endpoint: str) -> float:
-    import wand
+    connect = _client()
 
     _import_classes()
     start = time.perf_counter()
-    with wand.connect(endpoint) as c:
+    with connect(endpoint) as c:
         mods = [c.module(name) for name in COMPONENTS]
     assert all(mods)
     return time.perf_counter() - start
@@ -479,11 +488,11 @@ def _import_classes() -> None:
 
 def _measure_expert_modules(endpoint: str) -> float:
     """Build the diffusion model modules (the experts) of the daemon's checkpoint."""
-    import wand
+    connect = _client()
 
     _import_classes()
     start = time.perf_counter()
-    with wand.connect(endpoint) as c:
+    with connect(endpoint) as c:
         experts = [x["name"] for x in c.list() if x["class"] == MODULE_CLASSES[2]]
         mods = [c.module(name) for name in experts]
     assert mods
@@ -493,10 +502,10 @@ def _measure_expert_modules(endpoint: str) -> float:
 def _measure_lora(endpoint: str, path: str, how: str) -> dict[str, float]:
     """Load the bench LoRA into both experts (from its file, or the daemon's by name); with
     the daemon's, also fuse it and measure the private memory fusing takes."""
-    import wand
+    connect = _client()
 
     _import_classes()
-    with wand.connect(endpoint) as c:
+    with connect(endpoint) as c:
         vp = c.pipeline()
         start = time.perf_counter()
         vp.load_lora_weights(path if how == "file" else "bench", expert="both")
