@@ -19,7 +19,7 @@ import zmq
 
 from wand import slabs
 from wand.client import prebuilt, readonly
-from wand.common import fdsocket, protocol, sockdir
+from wand.common import fdsocket, heap, protocol, sockdir
 from wand.common.endpoint import check, describe, resolve, socket_path
 from wand.common.errors import ConnectError, DaemonError, WandError
 from wand.common.process import own_start
@@ -128,7 +128,7 @@ class Client:
     def _attachment(self, reply: dict[str, Any], writable: bool) -> Attachment:
         handle, man = reply["handle"], reply["manifest"]
         flat = self._map(handle, writable)
-        from wand.common import views  # torch: with the first attach, not with the import
+        from wand.common import views
 
         tensors = views.views(flat, man)
         return Attachment(man["name"], man, flat, tensors, writable, str(handle["token"]))
@@ -199,6 +199,7 @@ class Client:
 
     def _attach_request(self, name: str, writable: bool) -> dict[str, Any]:
         """Ask for ``name``, waiting while it is still loading (up to the timeout)."""
+        _before_tensors()
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -225,6 +226,15 @@ class Client:
             if not writable:
                 readonly.install()  # a write into it will say why it kills the process
             return slabs.map_fd(handle, fd, writable)
+
+
+def _before_tensors() -> None:
+    """Import torch (the views need it) and freeze the heap its import left before an
+    attach reply is decoded: its thousands of manifest rows would trigger the collector's
+    walk of everything torch made (:mod:`wand.common.heap`)."""
+    import torch  # noqa: F401
+
+    heap.freeze_imports()
 
 
 @dataclass

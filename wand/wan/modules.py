@@ -9,16 +9,14 @@ True)`` spent four times as long on the same result. A class whose loading is cu
 (``_load_from_state_dict`` overrides, load hooks) or that has other non-persistent buffers
 goes the general way instead: accelerate's ``init_empty_weights`` and ``load_state_dict``.
 
-The first build in a process also moves the objects its imports left (some 450k after
-diffusers and transformers, which live as long as the process) out of the garbage
-collector's way (``gc.freeze``): the full collection that would otherwise walk them lands
-in the middle of the first build, and cost more than the rest of it.
+A build first moves the objects the imports left out of the garbage collector's way
+(:mod:`wand.common.heap`): the full collection that would otherwise walk them lands in the
+middle of the first build, and cost more than the rest of it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib
 import threading
 from collections.abc import Iterator
@@ -28,13 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from wand.common import heap
 from wand.common.errors import BindError, listed
 
 ALLOWED_PACKAGES = ("diffusers", "transformers")
 _local = threading.local()  # .skipping: this thread builds a skeleton
 _rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # rotary tables, per process
 _rotary_lock = threading.Lock()
-_frozen = False
 
 
 def resolve_class(cls: str) -> type[nn.Module]:
@@ -95,7 +93,7 @@ def bind(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def build(cls: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
-    _freeze_once()
+    heap.freeze_imports()
     return bind(skeleton(cls, config), tensors)
 
 
@@ -224,10 +222,3 @@ def _placed(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
 def _all_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_parameters(remove_duplicate=False)
     yield from module.named_buffers(remove_duplicate=False)
-
-
-def _freeze_once() -> None:
-    global _frozen
-    if not _frozen:
-        gc.freeze()
-        _frozen = True
