@@ -202,6 +202,18 @@ def run_wanctl(*args: str, env: dict | None = None) -> subprocess.CompletedProce
     )
 
 
+def check_config(cache: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``wand FLAGS --check-config``, its tokenizer cache in ``cache``."""
+    return subprocess.run(
+        [sys.executable, "-m", "wand.daemon", *flags, "--check-config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "CACHE_DIRECTORY": str(cache)},
+    )
+
+
 def t2v_pipeline(modules: dict, tokenizer: str, scheduler):
     """diffusers' own t2v-A14B pipeline around ``modules`` (component name → module): the
     reference a wand pipeline is compared with."""

@@ -18,17 +18,14 @@ What is checked against what:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, Daemon, Service, t2v_pipeline
+from conftest import Daemon, Service, check_config, t2v_pipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_pipeline import SHIFT, frames
@@ -410,17 +407,6 @@ def test_the_cpu_loader_quantizes_tensors_larger_than_its_scratch(tiny, monkeypa
     pieces = torch.zeros(nbytes, dtype=torch.uint8)
     assert cpu.fill(pieces, comp, rows)[1] == scales
     assert torch.equal(pieces, whole)
-
-
-def check_config(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "wand.daemon", *flags, "--check-config"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        env={**os.environ, "CACHE_DIRECTORY": str(tmp_path)},
-    )
 
 
 def refused(tmp_path: Path, *flags: str) -> str:

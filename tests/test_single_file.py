@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, Daemon, Service, run_wanctl, t2v_pipeline
+from conftest import Daemon, Service, check_config, run_wanctl, t2v_pipeline
 from diffusers.loaders.single_file_utils import (
     convert_wan_transformer_to_diffusers,
     convert_wan_vae_to_diffusers,
@@ -500,14 +497,7 @@ def test_a_bad_single_file_stops_the_daemon_with_its_error(written, tmp_path):
     files = copied(written["comfy", "fp8_scaled", "ti2v-5B"], tmp_path / "b")
     rewrite(files["model"], _drop("blocks.1.self_attn.k.scale_weight"))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in files.items()]
-    r = subprocess.run(
-        [sys.executable, "-m", "wand.daemon", *flags, "--check-config"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        env={**os.environ, "CACHE_DIRECTORY": str(tmp_path)},
-    )
+    r = check_config(tmp_path, *flags)
     assert r.returncode == 78
     assert "'blocks.1.self_attn.k.weight' is float8_e4m3fn without its scale" in r.stderr
     assert str(files["model"]) in r.stderr and "Traceback" not in r.stderr
