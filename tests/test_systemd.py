@@ -353,8 +353,7 @@ def _write_checkpoints() -> None:
     write_tiny(DATA / "seed7", "t2v-A14B", "original", width=WIDTH, layers=LAYERS, seed=7)
     shutil.copytree(DATA / "seed0", DATA / "ckpt")  # the one served
     write_tiny(DATA / "small", "t2v-A14B", "original")
-    # safetensors' save_file writes its files mode 0600 whatever the umask, so a checkpoint
-    # written by write_tiny (or wanctl make-tiny) is unreadable to user wand as it comes
+    # pytest's folders are private to root (0700): user wand must be let in to read them
     subprocess.run(["chmod", "-R", "a+rX", str(DATA)], check=True)
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 
 from wand.wan import original_names, tiny_files
 from wand.wan.latents import LATENTS
@@ -33,6 +32,7 @@ from wand.wan.tasks import (
     Task,
 )
 from wand.wan.tokenizer import write_tokenizer
+from wand.wan.writing import save_safetensors
 
 T5_VOCAB = 128  # ≥ the tiny tokenizer's size
 T5_DTYPE = torch.bfloat16  # as the original .pth (and the -Diffusers text encoder)
@@ -205,9 +205,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file made like the others, its mode from the umask (safetensors'
-    ``save_file`` makes them 0600: a service user could not read them)."""
-    path.write_bytes(save(state, metadata={"format": "pt"}))
+    save_safetensors(state, path, {"format": "pt"})
 
 
 def _write_shards(folder: Path, stem: str, state: dict[str, torch.Tensor], n: int) -> None:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import save_file
 
 from wand.load.cast import to_resident
 from wand.wan import original_names
@@ -30,6 +29,7 @@ from wand.wan.configs import HEAD_DIM
 from wand.wan.modules import skeleton
 from wand.wan.tasks import TASKS, Task
 from wand.wan.tokenizer import tiny_sentencepiece
+from wand.wan.writing import save_safetensors
 
 LAYOUTS = ("comfy", "kijai")
 QUANTS = ("none", "fp8", "fp8_e5m2", "fp8_scaled", "comfy_quant")
@@ -203,4 +203,4 @@ def _save(
     looks for them."""
     keep = ("scaled_fp8", "spiece_model")
     named = {(k if k in keep else prefix + k): v.contiguous() for k, v in state.items()}
-    save_file(named, str(path), metadata={"format": "pt", **metadata})
+    save_safetensors(named, path, {"format": "pt", **metadata})

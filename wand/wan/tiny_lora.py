@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from wand.wan import original_names
 from wand.wan.modules import skeleton
 from wand.wan.reader import read_checkpoint
 from wand.wan.tasks import TASKS, TRANSFORMER
 from wand.wan.tiny import PRESETS, transformer_config
+from wand.wan.writing import save_safetensors
 
 STYLES = ("diffusers", "comfy", "musubi", "lightx2v")
 # the linear layers of a block, in WanModel names: what Wan LoRAs train
@@ -89,7 +89,7 @@ def write_tiny_lora(
     g = torch.Generator().manual_seed(seed)
     state, metadata = _WRITERS[style](names, known, rank, g)
     path = Path(dest)
-    save_file({k: v.to(DTYPE).contiguous() for k, v in state.items()}, str(path), metadata)
+    save_safetensors({k: v.to(DTYPE).contiguous() for k, v in state.items()}, path, metadata)
     return path
 
 
