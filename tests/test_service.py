@@ -37,7 +37,7 @@ def test_notify_start_watchdog_reload_stop(tiny, start_daemon, notify):
     d = start_daemon(tiny(), env=env)
     notify.collect(_has("READY=1"))
     start = notify.without_watchdog()
-    assert start[0].startswith("STATUS=loading 4 components: 0.00 of ")
+    assert start[0].startswith("STATUS=loading 4 components: 0 B of ")
     assert start[1] == "EXTEND_TIMEOUT_USEC=30000000"
     assert all(m.startswith(("STATUS=loading", "EXTEND_TIMEOUT_USEC=")) for m in start[2:-1])
     assert start[-1].startswith("READY=1\nSTATUS=ready: 4 components, ")

@@ -463,16 +463,15 @@ class Daemon:
         total = sum(r.nbytes for r in residents)
         done = sum(r.done_bytes if r.state != "ready" else r.nbytes for r in residents)
         now = "".join(f", now {r.spec.name}" for r in residents if r.state == "loading")
-        return f"loading {len(residents)} components: {done / 1e9:.2f} of {total / 1e9:.2f} GB{now}"
+        return f"loading {len(residents)} components: {size(done)} of {size(total)}{now}"
 
     def _summary(self) -> str:
         snap = self.store.snapshot()
         n = len(snap.addresses)
         ready = [r for r in snap.residents if r.state == "ready"]
-        size = sum(r.nbytes for r in ready)
         adopted = sum(r.adopted for r in ready)
         kept = f", {adopted} adopted from the fd store" if adopted else ""
-        return f"ready: {n} components, {size / 1e9:.2f} GB resident{kept}"
+        return f"ready: {n} components, {size(sum(r.nbytes for r in ready))} resident{kept}"
 
     def _signals(self) -> None:
         def stop(signum: int, _frame: object) -> None:
