@@ -331,6 +331,27 @@ def _as_nobody(code: str) -> str:
     return as_nobody(job).decode()
 
 
+def test_a_warm_process_whose_daemon_is_gone_for_good_stops(tiny, tmp_path):
+    """Its socket folder removed (a restart keeps it), the daemon is not coming back: the
+    warm process stops rather than hold the libraries until its idle timeout."""
+    d = Daemon(tiny()).wait_ready()
+    w = Warm(d.endpoint, tmp_path / "run")
+    try:
+        assert w.run("-c", "pass").returncode == 0
+        pid = w.state()["pid"]
+        d.stop()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+    finally:
+        w.stop()
+
+
+def _zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def test_a_reload_between_two_runs_gives_the_second_run_the_new_bytes(tiny, tmp_path):
     import shutil
 

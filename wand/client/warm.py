@@ -46,6 +46,7 @@ from typing import Any, NoReturn
 import msgpack
 
 from wand.client import launch, prebuilt
+from wand.common.endpoint import socket_path
 from wand.common.errors import WandError
 
 log = logging.getLogger("wand.client.warm")
@@ -185,9 +186,19 @@ class Warm:
             if not self.children and now - last_use > IDLE_SECONDS:
                 log.info("idle for %.0f s: stopping", now - last_use)
                 return
+            if not self.children and self._daemon_gone():
+                log.info("the daemon's socket folder is gone: stopping")
+                return
             if now - last_refresh > REFRESH_SECONDS:
                 self.refresh()
                 last_refresh = now
+
+    def _daemon_gone(self) -> bool:
+        """The daemon's socket folder no longer exists: that daemon is gone for good (a
+        restart keeps the folder), and holding the libraries for it would only keep memory
+        until the idle timeout."""
+        path = socket_path(self.endpoint)
+        return path is not None and not path.parent.exists()
 
     def _accept(self, poller: select.poll) -> str | None:
         conn, _ = self.listener.accept()
