@@ -17,17 +17,14 @@ import numpy as np
 import pytest
 import test_pipeline
 import torch
-from conftest import LAYOUT_CASES
 from PIL import Image
 from test_pipeline import image
 
 from wanctl.cli import main
 from wanctl.generate import quiet_libraries
 from wand.client.pipeline import cover_crop, fit_area
-from wand.wan import read_checkpoint
-from wand.wan.footprint import Geometry, read_geometry
+from wand.wan.footprint import Geometry
 from wand.wan.solvers import dpm_solver
-from wand.wan.tasks import TASKS
 from wand.wan.tiny_lora import write_tiny_lora
 
 served = test_pipeline.served  # the fixture: one daemon per task, shared by this module
@@ -426,30 +423,20 @@ def test_token_counts_are_wan22s_seq_len():
     assert g.tokens(81, 1280, 720) == 75600
 
 
-@pytest.mark.parametrize(("task", "layout"), LAYOUT_CASES)
-def test_geometry_is_read_as_the_modules_are_built(tiny, task, layout):
-    """read_geometry's quick look at the files gives what read_checkpoint's configs (those the
-    modules are built with) give."""
-    spec = read_checkpoint(tiny(task, layout))
-    expands = spec.extras["expand_timesteps"]
-    configs = (spec.components[TASKS[task].experts[0]].config, spec.components["vae"].config)
-    assert read_geometry(tiny(task, layout), task, layout, expands) == Geometry.of(
-        *configs, expands
-    )
-
-
-def test_limits_hold_where_the_files_cannot_be_read(tiny, start_daemon, tmp_path):
-    """When this process cannot read the checkpoint's files, the rotary table and memory are
-    checked on the attached modules' configs, still before any step."""
+def test_limits_and_loras_are_checked_where_the_files_cannot_be_read(tiny, start_daemon, tmp_path):
+    """The rotary table, the memory and a LoRA's fit are checked on the configs the daemon
+    reports, before anything is attached, though this process cannot read the experts' files
+    (as with single-file checkpoints, or files only the service user may read)."""
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny(), folder)
     d = start_daemon(folder).wait_ready()
-    (folder / "high_noise_model" / "config.json").unlink()  # the daemon has read it
-    out = tmp_path / "long.mp4"
-    r = d.wanctl("generate", *TINY, "--frame-num", "100001", "--out", str(out))
-    assert r.returncode == 2, r.stderr
-    assert "at most 4093 frames (estimated memory: denoising" in r.stderr
-    assert "Traceback" not in r.stderr and not out.exists()
+    for expert in ("high_noise_model", "low_noise_model"):
+        shutil.rmtree(folder / expert)  # the daemon has read them
+    five = write_tiny_lora(tmp_path / "five.safetensors", "ti2v-5B", "lightx2v")
+    message = refused(d, tmp_path, "--frame-num", "100001")
+    assert "at most 4093 frames (estimated memory: denoising" in message
+    message = refused(d, tmp_path, "--lora-high", str(five))
+    assert "does not fit the t2v-A14B high-noise expert" in message
 
 
 # ---- LoRAs by name, as files ------------------------------------------------------------

@@ -76,7 +76,6 @@ class Job:
     loras: list[Lora]
     fuse: bool  # fuse the LoRAs before generating
     notes: list[str] = field(default_factory=list)  # options without effect, and why
-    geometry: Geometry | None = None  # None: this process cannot read the checkpoint's files
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,25 +170,16 @@ def check(args: argparse.Namespace, c: Client) -> Job:
     info = choose(status["checkpoints"], args.task, args.checkpoint, args.ckpt_dir)
     job = plan(args, info, image, seed)
     job.notes = found
-    job.geometry = _geometry(info)
-    if job.geometry is not None:
-        check_room(job, job.geometry, rooms(status, job.checkpoint))
+    check_room(job, _geometry(info), rooms(status, job.checkpoint))
     check_loras(job.loras, info)
     return job
 
 
 def attach(job: Job, c: Client) -> tuple[VideoPipeline, dict[str, float]]:
     """The pipeline for ``job``, its LoRAs loaded; seconds it took to attach and to load them."""
-    from wand.wan.footprint import Geometry
-
     start = time.perf_counter()
     pipe = c.pipeline(job.checkpoint, **_scheduler(job))
     attached = time.perf_counter()
-    if job.geometry is None:  # the modules' configs, before any step
-        p = pipe.pipe
-        expands = bool(p.config.get("expand_timesteps"))
-        g = Geometry.of(dict(p.transformer.config), dict(p.vae.config), expands)
-        check_room(job, g, rooms(c.status(), job.checkpoint))
     apply_loras(pipe, job)
     done = time.perf_counter()
     return pipe, {"attach_seconds": attached - start, "lora_seconds": done - attached}
@@ -391,16 +381,24 @@ def plan(args: argparse.Namespace, info: dict[str, Any], image: Image | None, se
     )
 
 
-def _geometry(info: dict[str, Any]) -> Geometry | None:
-    """The checkpoint's geometry as this process reads its files; None where it cannot."""
-    from wand.common.errors import CheckpointError
-    from wand.wan.footprint import read_geometry
+def _geometry(info: dict[str, Any]) -> Geometry:
+    """The checkpoint's geometry, from the configs the daemon builds its modules with."""
+    from wand.wan.footprint import Geometry
+    from wand.wan.tasks import TASKS
 
-    expands = bool(info["extras"]["expand_timesteps"])
-    try:
-        return read_geometry(Path(info["path"]), info["task"], info["layout"], expands)
-    except (CheckpointError, OSError, ValueError, KeyError):
-        return None
+    modules = _modules(info)
+    expert = modules[TASKS[info["task"]].experts[0]]["config"]
+    return Geometry.of(expert, modules["vae"]["config"], bool(info["extras"]["expand_timesteps"]))
+
+
+def _modules(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per component, the class and config the daemon builds its module from."""
+    if "modules" not in info:
+        raise UsageError(
+            "the daemon runs an older wand than this wanctl (its status has no module "
+            "configs): restart it (systemctl restart wand keeps every slab)"
+        )
+    return info["modules"]
 
 
 def rooms(status: dict[str, Any], checkpoint: str) -> dict[str, tuple[str, int | None]]:
@@ -540,10 +538,9 @@ def _exists(source: str, held: Collection[str]) -> bool:
 
 
 def check_loras(loras: list[Lora], info: dict[str, Any]) -> None:
-    """Each LoRA file fits the experts it goes into, checked on the checkpoint's files before
-    anything is attached. Files this process cannot read leave it to the loading."""
-    from wand.common.errors import CheckpointError, LoraError
-    from wand.wan import read_checkpoint
+    """Each LoRA file fits the experts it goes into, checked on skeletons of the daemon's
+    modules before anything is attached."""
+    from wand.common.errors import LoraError
     from wand.wan.lora_keys import EXPERTS, check, describe, read
     from wand.wan.modules import skeleton
     from wand.wan.tasks import TASKS
@@ -551,14 +548,10 @@ def check_loras(loras: list[Lora], info: dict[str, Any]) -> None:
     loras = [x for x in loras if isinstance(x.source, Path)]  # the daemon checked its own
     if not loras:
         return
-    task = info["task"]
-    try:
-        spec = read_checkpoint(info["path"], task)
-    except (CheckpointError, OSError):
-        return
+    task, modules = info["task"], _modules(info)
     experts = dict(zip(EXPERTS["both"], TASKS[task].experts, strict=False))  # by component
-    used = {c: spec.components[experts[c]] for lora in loras for c in EXPERTS[lora.expert]}
-    models = {c: skeleton(comp.cls, comp.config) for c, comp in used.items()}
+    used = {c: modules[experts[c]] for lora in loras for c in EXPERTS[lora.expert]}
+    models = {c: skeleton(m["class"], m["config"]) for c, m in used.items()}
     for lora in loras:
         try:
             state = read(lora.source)

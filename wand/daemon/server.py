@@ -603,6 +603,11 @@ def _checkpoint_info(ckpt: Checkpoint) -> dict[str, Any]:
         "layout": spec.layout,
         "origin": ckpt.origin,
         "components": {c: f"{ckpt.name}/{c}" for c in spec.components if not is_lora(c)},
+        "modules": {  # what each module is built from: a client checks options on it
+            c: {"class": comp.cls, "config": comp.config}
+            for c, comp in spec.components.items()
+            if not is_lora(c)
+        },
         "loras": {
             c.removeprefix(LORA_PREFIX): {
                 "address": f"{ckpt.name}/{c}",

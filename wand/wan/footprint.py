@@ -14,10 +14,8 @@ CUDA), so attention costs memory linear in the tokens.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 BF16, FP32, FP64 = 2, 4, 8  # bytes per element
@@ -76,33 +74,6 @@ class Geometry:
 
     def tokens(self, frames: int, width: int, height: int) -> int:
         return math.prod(self.grid(frames, width, height))
-
-
-def read_geometry(folder: Path, task: str, layout: str, expand_timesteps: bool) -> Geometry:
-    """A checkpoint's :class:`Geometry` from its files: the expert's and the VAE's configs as
-    :func:`wand.wan.read_checkpoint` derives them (original layout: from ``config.json`` and
-    tensor shapes), without what makes that slow (a skeleton of every module: 0.5–1 s for
-    the real tensor counts, against some 25 ms here). Raises ``CheckpointError``, ``OSError``
-    or ``ValueError`` for files it cannot read."""
-    from wand.load.files import read_small
-    from wand.wan import configs
-    from wand.wan.sources import open_file, open_index
-    from wand.wan.tasks import DIFFUSERS_EXPERT_DIRS, EXPERT_INDEX, TASKS, VAE_FILES
-
-    def config(path: Path) -> dict[str, Any]:
-        return json.loads(read_small(path))
-
-    info = TASKS[task]
-    expert = info.experts[0]
-    if layout == "diffusers":
-        transformer = config(folder / DIFFUSERS_EXPERT_DIRS[expert] / "config.json")
-        vae = config(folder / "vae" / "config.json")
-    else:
-        where = folder / expert if len(info.experts) > 1 else folder
-        shapes = open_index(where / EXPERT_INDEX)
-        transformer = configs.transformer_config(config(where / "config.json"), shapes)
-        vae = configs.vae_config(open_file(folder / VAE_FILES[info.vae]))
-    return Geometry.of(transformer, vae, expand_timesteps)
 
 
 def beyond_rope(g: Geometry, frames: int, width: int, height: int) -> str | None:
