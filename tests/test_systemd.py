@@ -136,8 +136,9 @@ class Box:
 
     def logged(self, since: str, *needles: str, unit: str = "wand.service") -> str:
         """The unit's messages since ``since`` once they hold every needle (journald writes
-        what it is sent a moment later)."""
-        deadline = time.monotonic() + 15
+        what it is sent a moment later, and stamps a unit's output when it reads it: on a
+        loaded CI machine a daemon's start lines came stamped after the next command)."""
+        deadline = time.monotonic() + 60
         while True:
             log = self.messages(unit, since)
             missing = [n for n in needles if not re.search(n, log)]
