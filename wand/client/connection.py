@@ -128,7 +128,7 @@ class Client:
     def _attachment(self, reply: dict[str, Any], writable: bool) -> Attachment:
         handle, man = reply["handle"], reply["manifest"]
         flat = self._map(handle, writable)
-        from wand.common import views
+        from wand.common import views  # torch: with the first attach, not with the import
 
         tensors = views.views(flat, man)
         return Attachment(man["name"], man, flat, tensors, writable, str(handle["token"]))
@@ -262,7 +262,7 @@ class Attachment:
     def verify(self) -> bool:
         """Do the mapped bytes still match the checksum the daemon computed at load?
         (CRC-32s for CPU slabs, the on-device sum64 digest for GPU slabs)"""
-        from wand.common import views
+        from wand.common import views  # torch: with the first attach, not with the import
 
         return views.verify(self.flat, self.manifest)
 
