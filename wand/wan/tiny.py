@@ -204,10 +204,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _save(state: dict[str, torch.Tensor], path: Path) -> None:
-    save_safetensors(state, path, {"format": "pt"})
-
-
 def _write_shards(folder: Path, stem: str, state: dict[str, torch.Tensor], n: int) -> None:
     """``{stem}-0000i-of-0000n.safetensors`` plus ``{stem}.safetensors.index.json``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -219,7 +215,7 @@ def _write_shards(folder: Path, stem: str, state: dict[str, torch.Tensor], n: in
         part = {
             k: state[k].contiguous() for k in keys[i * len(keys) // n : (i + 1) * len(keys) // n]
         }
-        _save(part, folder / shard)
+        save_safetensors(part, folder / shard)
         weight_map.update(dict.fromkeys(part, shard))
     total = sum(t.numel() * t.element_size() for t in state.values())
     _write_json(
@@ -276,7 +272,7 @@ def _write_diffusers(root: Path, info: Task, models: dict[str, _Model]) -> None:
     _write_shards(root / "text_encoder", "model", t5.state, 2)
     vae = models["vae"]
     skeleton(vae.cls, vae.config).save_config(str(root / "vae"))
-    _save(vae.state, root / "vae" / "diffusion_pytorch_model.safetensors")
+    save_safetensors(vae.state, root / "vae" / "diffusion_pytorch_model.safetensors")
     for expert in info.experts:
         model, folder = models[expert], root / DIFFUSERS_EXPERT_DIRS[expert]
         skeleton(model.cls, model.config).save_config(str(folder))

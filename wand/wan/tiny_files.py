@@ -203,4 +203,4 @@ def _save(
     looks for them."""
     keep = ("scaled_fp8", "spiece_model")
     named = {(k if k in keep else prefix + k): v.contiguous() for k, v in state.items()}
-    save_safetensors(named, path, {"format": "pt", **metadata})
+    save_safetensors(named, path, metadata)

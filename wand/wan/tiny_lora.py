@@ -132,7 +132,7 @@ def _diffusers(names: list[str], layers: Layers, rank: int, g: torch.Generator):
     # alpha 2 × rank: a file read without its header would come out at half strength
     config = {"r": rank, "lora_alpha": 2 * rank, "target_modules": modules}
     metadata = {f"transformer.{k}": v for k, v in config.items()}
-    return state, {"format": "pt", "lora_adapter_metadata": json.dumps(metadata)}
+    return state, {"lora_adapter_metadata": json.dumps(metadata)}
 
 
 def _kohya(prefix: str, name: Callable[[str], str]):
@@ -146,7 +146,7 @@ def _kohya(prefix: str, name: Callable[[str], str]):
                 layers[layer].shape, rank, g
             )
             state[f"{key}.alpha"] = torch.tensor(rank / 2)
-        return state, {"format": "pt"}
+        return state, {}
 
     return write
 
@@ -165,7 +165,7 @@ def _lightx2v(names: list[str], layers: Layers, rank: int, g: torch.Generator):
     head = 0.5 * torch.randn(out, inp, generator=g) / math.sqrt(inp)  # a full delta
     state["diffusion_model.head.head.diff"] = head
     state["diffusion_model.head.head.diff_b"] = 0.05 * torch.randn(out, generator=g)
-    return state, {"format": "pt"}
+    return state, {}
 
 
 _WRITERS = {
